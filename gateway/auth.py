@@ -1,0 +1,35 @@
+"""Bearer-key checks: the admin key for the registry, optional API keys for inference."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from gateway.errors import Unauthorized
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, keys: list[str]) -> bool:
+    return token is not None and any(hmac.compare_digest(token, key) for key in keys)
+
+
+async def require_api_key(request: Request) -> None:
+    keys = request.app.state.settings.api_keys
+    if keys and not _matches(_bearer(request), keys):
+        raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+
+async def require_admin(request: Request) -> None:
+    key = request.app.state.settings.admin_key
+    if not key:
+        raise Unauthorized("the registry API is disabled: PROMPTINTERN_ADMIN_KEY is not set", code="admin_disabled")
+    if not _matches(_bearer(request), [key]):
+        raise Unauthorized("the registry API needs 'Authorization: Bearer $PROMPTINTERN_ADMIN_KEY'",
+                           code="invalid_admin_key")

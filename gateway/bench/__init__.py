@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (`promptintern bench ...`); none of them asserts a timing."""

@@ -1,0 +1,184 @@
+"""The `promptintern` command: serve, model, admin-key, prompts, train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+
+ADMIN_KEY_FILE = "admin_key"
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    if args.engine:
+        overrides["engine"] = args.engine
+    settings = Settings(**overrides)
+    if not settings.admin_key:
+        print("promptintern serve: set PROMPTINTERN_ADMIN_KEY (the registry API's bearer token); "
+              "`make serve` generates one for you", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from gateway.basemodel import base_model_dir
+
+    print(base_model_dir(_settings()))
+    return 0
+
+
+def ensure_admin_key(settings: Settings) -> str:
+    """The key from the environment, else the one stored in DATA_DIR (created with mode 600)."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = settings.data_dir / ADMIN_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = "pi-admin-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def cmd_admin_key(args: argparse.Namespace) -> int:
+    print(ensure_admin_key(_settings()))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    settings = _settings()
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    key = settings.admin_key
+    if not key and (settings.data_dir / ADMIN_KEY_FILE).is_file():
+        key = (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=600)
+
+
+def _show(response: Any) -> int:
+    if response.status_code == 204:
+        print("deleted")
+        return 0
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:
+        print(response.text)
+    return 0 if response.is_success else 1
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            return _show(client.get("/v1/prompts"))
+        if args.action == "show":
+            return _show(client.get(f"/v1/prompts/{args.name}"))
+        if args.action == "delete":
+            return _show(client.delete(f"/v1/prompts/{args.name}"))
+        if args.action == "add-adapter":
+            return _show(client.post(f"/v1/prompts/{args.name}/adapters",
+                                     json={"adapter_path": str(Path(args.adapter).resolve())}))
+        body = json.loads(Path(args.file).read_text())
+        body["name"] = args.name
+        if args.adapter:
+            body["adapter_path"] = str(Path(args.adapter).resolve())
+        return _show(client.post("/v1/prompts", json=body))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "matcher":
+        from gateway.bench import matcher as matcher_bench
+
+        matcher_bench.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
+        return 0
+    from gateway.bench import gateway as gateway_bench
+
+    gateway_bench.run(_settings(), requests=args.requests)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptintern",
+        description="PromptIntern gateway: serve registered recurring prompts from LoRA adapters. "
+                    "Settings come from PROMPTINTERN_* environment variables (see README).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway (needs PROMPTINTERN_ADMIN_KEY)")
+    serve.add_argument("--host", help="listen address (default PROMPTINTERN_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default PROMPTINTERN_PORT or 8000)")
+    serve.add_argument("--engine", choices=["embedded", "vllm"], help="engine (default PROMPTINTERN_ENGINE)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    model = sub.add_parser("model", help="materialise the base model (once) and print its folder")
+    model.set_defaults(func=cmd_model)
+
+    admin = sub.add_parser("admin-key", help="print the admin key: PROMPTINTERN_ADMIN_KEY, else one kept in DATA_DIR")
+    admin.set_defaults(func=cmd_admin_key)
+
+    prompts = sub.add_parser("prompts", help="manage registered prompts on a running gateway")
+    prompts.add_argument("--url", help="gateway URL (default http://PROMPTINTERN_HOST:PROMPTINTERN_PORT)")
+    actions = prompts.add_subparsers(dest="action", required=True)
+    register = actions.add_parser("register", help="register a template from a JSON file")
+    register.add_argument("name", help="prompt name")
+    register.add_argument("--file", required=True,
+                          help="JSON with `messages` (chat) or `prompt` (completion), optional `examples`, `train`")
+    register.add_argument("--adapter", help="an existing PEFT LoRA folder to serve for it")
+    actions.add_parser("list", help="list prompts")
+    for action, text in (("show", "show one prompt"), ("delete", "delete a prompt, its adapters and jobs")):
+        p = actions.add_parser(action, help=text)
+        p.add_argument("name")
+    add = actions.add_parser("add-adapter", help="upload an adapter as the prompt's next version")
+    add.add_argument("name")
+    add.add_argument("adapter", help="PEFT LoRA folder")
+    prompts.set_defaults(func=cmd_prompts)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench.add_argument("target", choices=["matcher", "gateway"],
+                       help="matcher: detection time vs number of templates; "
+                            "gateway: added latency against calling the engine directly")
+    bench.add_argument("--templates", type=int, nargs="+", default=[10, 1000, 10000],
+                       help="matcher: numbers of registered templates")
+    bench.add_argument("--request-tokens", type=int, default=2000, help="matcher: request size in tokens")
+    bench.add_argument("--repeats", type=int, default=2000, help="matcher: detections timed per row")
+    bench.add_argument("--requests", type=int, default=40, help="gateway: requests per condition")
+    bench.set_defaults(func=cmd_bench)
+
+    try:
+        from trainer.cli import add_train_parser
+    except ImportError:  # pragma: no cover - trainer is part of the same distribution
+        pass
+    else:
+        add_train_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))

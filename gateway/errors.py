@@ -1,0 +1,151 @@
+"""Errors in OpenAI's shape, and the one place that maps exceptions to status codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """`{"error": {"message", "type", "param", "code"}}`, as OpenAI answers."""
+
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """An error the client should see; subclasses fix the status and OpenAI error type."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+class BadRequest(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class Conflict(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class Unprocessable(APIError):
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class InternalError(APIError):
+    status_code = 500
+    error_type = "server_error"
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Invalid request (malformed JSON, wrong types, context length exceeded)",
+        401: "Missing or wrong bearer key",
+        404: "Unknown model or prompt",
+        500: "Engine failure",
+        503: "Engine unavailable",
+    }.items()
+}
+
+
+def error_json(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """Every failure leaves the gateway in OpenAI's error shape; the admin API uses 422 for bad bodies."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return error_json(exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip()
+            return error_json(BadRequest(message.rstrip(": "), code="invalid_json"))
+        details = "; ".join(
+            f"{_validation_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5]
+        )
+        param = _validation_param(tuple(first.get("loc", ())))
+        cls: type[APIError] = Unprocessable if request.url.path.startswith("/v1/prompts") else BadRequest
+        return error_json(cls(f"invalid request: {details}", param=param, code="invalid_value"))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        cls = {404: NotFound, 401: Unauthorized, 413: PayloadTooLarge}.get(exc.status_code, BadRequest)
+        err = cls(str(exc.detail))
+        err.status_code = exc.status_code
+        if exc.status_code == 405:
+            err.error_type = "invalid_request_error"
+        return error_json(err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_json(InternalError(f"internal error: {type(exc).__name__}"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def sse_error(exc: APIError) -> str:
+    """An error inside an already started stream, as one SSE event."""
+    return f"data: {json.dumps(exc.body())}\n\n"

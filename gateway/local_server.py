@@ -1,0 +1,57 @@
+"""A gateway on a loopback port inside this process: for benchmarks, tests and notebooks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Self
+
+import httpx
+
+from gateway.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalGateway:
+    """A real uvicorn server running `create_app(settings)` in a thread; a context manager."""
+
+    def __init__(self, settings: Settings, engine: Any = None, start_timeout: float = 300) -> None:
+        import uvicorn
+
+        from gateway.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings, engine=engine)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="local-gateway", daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the gateway failed to start (see the log above)")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the gateway did not become ready within {self.start_timeout:.0f} s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    def admin(self) -> httpx.Client:
+        key = self.settings.admin_key or ""
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=600)

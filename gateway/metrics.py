@@ -1,0 +1,66 @@
+"""Every Prometheus metric the gateway exports, defined in one place (base units, bounded labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# LLM-sized latency buckets: tens of milliseconds to minutes.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+ADAPTER_STATUSES = ("training", "loading", "ready", "failed")
+NO_PROMPT = "none"
+
+
+class GatewayMetrics:
+    """The gateway's metrics on their own registry, so every app (and test) has a clean set."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "promptintern_requests", "Requests answered, by matched prompt and route",
+            ["prompt", "route"], registry=r,
+        )
+        self.request_errors = Counter(
+            "promptintern_request_errors", "Requests that ended in an error, by route and HTTP status",
+            ["route", "code"], registry=r,
+        )
+        self.original_prompt_tokens = Counter(
+            "promptintern_original_prompt_tokens", "Prompt tokens the apps sent (before stripping)",
+            ["prompt"], registry=r,
+        )
+        self.sent_prompt_tokens = Counter(
+            "promptintern_sent_prompt_tokens", "Prompt tokens the model processed", ["prompt"], registry=r,
+        )
+        self.saved_prompt_tokens = Counter(
+            "promptintern_saved_prompt_tokens", "Prompt tokens removed by routing to an adapter",
+            ["prompt"], registry=r,
+        )
+        self.saved_cost = Counter(
+            "promptintern_saved_cost_usd", "Input cost saved at the configured price (USD)",
+            ["prompt"], registry=r,
+        )
+        self.completion_tokens = Counter(
+            "promptintern_completion_tokens", "Completion tokens generated", ["prompt"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "promptintern_request_duration_seconds", "Time from request to last byte, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "promptintern_time_to_first_token_seconds", "Time from request to first generated text, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.detection_duration = Histogram(
+            "promptintern_detection_duration_seconds", "Time spent recognising a registered prompt",
+            buckets=DETECTION_BUCKETS, registry=r,
+        )
+        self.adapters = Gauge(
+            "promptintern_adapters", "Adapter versions by status", ["status"], registry=r,
+        )
+        for status in ADAPTER_STATUSES:
+            self.adapters.labels(status=status).set(0)
+
+    def set_adapter_counts(self, counts: dict[str, int]) -> None:
+        for status in ADAPTER_STATUSES:
+            self.adapters.labels(status=status).set(counts.get(status, 0))

@@ -1,0 +1,76 @@
+"""OpenAI-compatible routes: parse, call the inference service, answer JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway.auth import require_api_key
+from gateway.errors import ERROR_RESPONSES, APIError
+from gateway.openai_api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from gateway.openai_api.serving import InferenceService, Plan
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
+
+SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks ending in `[DONE]` when `stream`"}
+}
+
+
+def get_inference(request: Request) -> InferenceService:
+    return request.app.state.inference  # type: ignore[no-any-return]
+
+
+Inference = Annotated[InferenceService, Depends(get_inference)]
+
+
+async def _answer(service: Inference, plan: Plan, stream: bool, include_usage: bool) -> Any:
+    started = time.perf_counter()
+    if not stream:
+        plan, body = await service.complete(plan, started)
+        return JSONResponse(body, headers=plan.headers())
+    try:
+        plan, events, first = await service.start(plan)
+    except APIError as exc:
+        service.record_error(plan, exc.status_code)
+        raise
+    return StreamingResponse(service.stream(plan, events, first, started, include_usage),
+                             media_type="text/event-stream", headers={**plan.headers(), "cache-control": "no-cache"})
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSES,
+             summary="Chat completion; a registered prompt is answered by its adapter from the bare query")
+async def chat_completions(body: ChatCompletionRequest, service: Inference) -> Any:
+    plan = service.planned(service.plan_chat, body)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _answer(service, plan, body.stream, include_usage)
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=SSE_RESPONSES,
+             summary="Text completion; a registered completion template is answered by its adapter")
+async def completions(body: CompletionRequest, service: Inference) -> Any:
+    plan = service.planned(service.plan_completion, body)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _answer(service, plan, body.stream, include_usage)
+
+
+@router.get("/models", response_model=ModelList, summary="The base model, then every ready adapter as `<prompt>@v<N>`")
+async def list_models(request: Request) -> ModelList:
+    settings = request.app.state.settings
+    created = request.app.state.started_at
+    base = settings.served_model_name
+    cards = [ModelCard(id=base, created=created, root=base)]
+    cards += [ModelCard(id=model, created=created, root=base, parent=base)
+              for model in request.app.state.prompts.adapter_models()]
+    return ModelList(data=cards)

@@ -1,0 +1,64 @@
+"""Registry REST routes (`/v1/prompts`): every route, reads included, needs the admin key."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response, status
+
+from gateway.auth import require_admin
+from gateway.errors import ErrorResponse
+from gateway.prompts.protocol import AddAdapter, PromptList, PromptOut, RegisterPrompt, VersionOut
+from gateway.prompts.service import PromptService
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong admin key"},
+    404: {"model": ErrorResponse, "description": "Unknown prompt"},
+    409: {"model": ErrorResponse, "description": "The name is taken"},
+    422: {"model": ErrorResponse, "description": "Invalid template, example or adapter"},
+}
+
+router = APIRouter(prefix="/v1/prompts", tags=["Registry"], dependencies=[Depends(require_admin)], responses=ERRORS)
+
+
+def get_prompts(request: Request) -> PromptService:
+    return request.app.state.prompts  # type: ignore[no-any-return]
+
+
+Prompts = Annotated[PromptService, Depends(get_prompts)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=PromptOut,
+             summary="Register a recurring prompt (optionally with an adapter, or a training job)")
+async def register_prompt(body: RegisterPrompt, prompts: Prompts) -> PromptOut:
+    record = await prompts.register(body)
+    return prompts.describe(record)
+
+
+@router.get("", response_model=PromptList, summary="List registered prompts")
+async def list_prompts(prompts: Prompts) -> PromptList:
+    records = await asyncio.to_thread(prompts.registry.all)
+    return PromptList(data=[prompts.describe(r) for r in records])
+
+
+@router.get("/{name}", response_model=PromptOut, summary="One prompt, with versions and its latest job")
+async def get_prompt(name: str, prompts: Prompts) -> PromptOut:
+    return prompts.describe(await asyncio.to_thread(prompts.registry.get, name))
+
+
+@router.post("/{name}/adapters", status_code=status.HTTP_201_CREATED, response_model=VersionOut,
+             summary="Upload an adapter as the prompt's next version; it is routable once ready")
+async def add_adapter(name: str, body: AddAdapter, prompts: Prompts) -> VersionOut:
+    version = await prompts.add_adapter(name, body.adapter_path)
+    record = await asyncio.to_thread(prompts.registry.get, name)
+    v = next(v for v in record.versions if v.version == version)
+    return VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
+                      created=v.created, manifest=v.manifest, error=v.error)
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT,
+               summary="Delete a prompt: routing stops at once, adapters unloaded, jobs cancelled, files removed")
+async def delete_prompt(name: str, prompts: Prompts) -> Response:
+    await prompts.delete(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,270 @@
+"""PromptService: registers prompts and their adapters, and keeps matcher, engine and registry in step."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, SamplingParams
+from gateway.engines.embedded import read_adapter_config
+from gateway.errors import APIError, NotFound, Unprocessable
+from gateway.matcher import Matcher
+from gateway.metrics import GatewayMetrics
+from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, VersionOut
+from gateway.registry.adapter_store import AdapterStore
+from gateway.registry.store import PromptRecord, PromptRegistry, check_prompt_name
+from gateway.templates import PromptTemplate, TemplateError, parse_template
+from gateway.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoutablePrompt:
+    """What the router needs to know about one registered prompt, swapped whole on every change."""
+
+    name: str
+    template: PromptTemplate
+    static_tokens: int
+    adapter: str | None  # the engine's adapter name (`<prompt>@v<N>`) once a version is ready
+
+
+def adapter_model_id(name: str, version: int) -> str:
+    return f"{name}@v{version}"
+
+
+def template_from_record(record: PromptRecord) -> PromptTemplate:
+    if record.kind == "completion":
+        return parse_template(prompt=record.template, max_chars=10**9)
+    return parse_template(messages=record.template, max_chars=10**9)
+
+
+def validate_examples(template: PromptTemplate, examples: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each declared example fills every slot (or `query`) and appears verbatim, so the trainer can cut it."""
+    static = "\n".join(m.static_text for m in template.messages)
+    single = template.slots[0] if len(template.slots) == 1 else None
+    cleaned: list[dict[str, str]] = []
+    for i, example in enumerate(examples):
+        row = dict(example)
+        if single and "query" in row and single not in row:
+            row[single] = row.pop("query")
+        missing = [k for k in (*template.slots, "response") if not row.get(k)]
+        if missing:
+            raise Unprocessable(f"example {i} lacks {', '.join(missing)}", param=f"examples[{i}]",
+                                code="invalid_example")
+        unknown = sorted(set(row) - {*template.slots, "response"})
+        if unknown:
+            raise Unprocessable(f"example {i} has unknown field(s) {', '.join(unknown)}",
+                                param=f"examples[{i}]", code="invalid_example")
+        for key, value in row.items():
+            if value not in static:
+                raise Unprocessable(
+                    f"example {i}'s {key} does not appear verbatim in the template", param=f"examples[{i}].{key}",
+                    code="example_not_in_template")
+        cleaned.append(row)
+    return cleaned
+
+
+class PromptService:
+    """Owns the routing table; every change goes registry first, then engine, then routing."""
+
+    def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, engine: Engine,
+                 matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.engine = engine
+        self.matcher = matcher
+        self.counter = counter
+        self.metrics = metrics
+        self._routes: dict[str, RoutablePrompt] = {}
+        self._by_adapter: dict[str, RoutablePrompt] = {}
+        self._lock = asyncio.Lock()
+
+    # -- routing table -------------------------------------------------------------------------
+
+    def routable(self, name: str) -> RoutablePrompt | None:
+        return self._routes.get(name)
+
+    def by_adapter_model(self, model: str) -> RoutablePrompt | None:
+        return self._by_adapter.get(model)
+
+    def adapter_models(self) -> list[str]:
+        return sorted(self._by_adapter)
+
+    def _publish(self, entry: RoutablePrompt | None, name: str) -> None:
+        routes = dict(self._routes)
+        if entry is None:
+            routes.pop(name, None)
+            self.matcher.remove(name)
+        else:
+            routes[name] = entry
+            self.matcher.add(name, entry.template)
+        self._routes = routes
+        self._by_adapter = {e.adapter: e for e in routes.values() if e.adapter}
+
+    def _refresh_gauge(self) -> None:
+        self.metrics.set_adapter_counts(self.registry.adapter_counts())
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Rebuild matcher and engine from the registry (gateway start, engine restart)."""
+        leftovers = await asyncio.to_thread(self.store.remove_staging_leftovers)
+        for path in leftovers:
+            log.warning("removed a half-written adapter folder: %s", path)
+        for record in await asyncio.to_thread(self.registry.all):
+            for version in record.versions:
+                if version.status == "loading":
+                    await asyncio.to_thread(self.registry.update_version, record.name, version.version,
+                                            status="failed", error="interrupted: the gateway stopped while loading")
+            template = template_from_record(record)
+            static = await asyncio.to_thread(self.counter.static_tokens, template)
+            self._publish(RoutablePrompt(record.name, template, static, None), record.name)
+            await self._activate_newest(record.name)
+        self._refresh_gauge()
+
+    async def _activate_newest(self, name: str) -> None:
+        """Load the newest ready version that still loads; mark those that no longer do as failed."""
+        record = await asyncio.to_thread(self.registry.get, name)
+        for version in reversed([v for v in record.versions if v.status == "ready"]):
+            model_id = adapter_model_id(name, version.version)
+            try:
+                await self._load_and_warm(model_id, Path(version.path or ""))
+            except APIError as exc:
+                log.error("adapter %s no longer loads: %s", model_id, exc.message)
+                await asyncio.to_thread(self.registry.update_version, name, version.version, status="failed",
+                                        error=f"failed to load at start-up: {exc.message}")
+                continue
+            self._set_adapter(name, model_id)
+            return
+
+    def _set_adapter(self, name: str, model_id: str | None) -> None:
+        entry = self._routes.get(name)
+        if entry is not None:
+            self._publish(RoutablePrompt(entry.name, entry.template, entry.static_tokens, model_id), name)
+
+    async def _load_and_warm(self, model_id: str, path: Path) -> None:
+        await self.engine.load_adapter(model_id, path)
+        if not self.settings.warm_adapters:
+            return
+        try:
+            request = EngineRequest(kind="chat", messages=[{"role": "user", "content": "hello"}], adapter=model_id,
+                                    params=SamplingParams(max_tokens=1, temperature=0.0))
+            async for _ in self.engine.generate(request):
+                pass
+        except APIError:
+            await self.engine.unload_adapter(model_id)
+            raise
+
+    # -- registry operations -------------------------------------------------------------------
+
+    async def register(self, body: RegisterPrompt) -> PromptRecord:
+        check_prompt_name(body.name)
+        try:
+            template = parse_template(
+                messages=[m.model_dump() for m in body.messages] if body.messages is not None else None,
+                prompt=body.prompt, max_chars=self.settings.max_template_chars)
+        except TemplateError as exc:
+            raise Unprocessable(str(exc), param=exc.param or "messages", code="invalid_template") from exc
+        examples = validate_examples(template, body.examples)
+        if body.adapter_path is not None:
+            read_adapter_config(Path(body.adapter_path), self.settings.max_lora_rank)
+        if body.train is not None:
+            raise Unprocessable("training from the registry is not enabled in this gateway build",
+                                param="train", code="training_unavailable")
+        async with self._lock:
+            record = await asyncio.to_thread(self.registry.create, body.name, template.kind, template.source(),
+                                             examples)
+            static = await asyncio.to_thread(self.counter.static_tokens, template)
+            self._publish(RoutablePrompt(body.name, template, static, None), body.name)
+            if body.adapter_path is not None:
+                try:
+                    await self._add_adapter_locked(body.name, Path(body.adapter_path))
+                except APIError:
+                    # Registration and adapter are one request: undo both, so a retry can succeed.
+                    await self._delete_locked(body.name)
+                    raise
+            self._refresh_gauge()
+        return await asyncio.to_thread(self.registry.get, record.name)
+
+    async def add_adapter(self, name: str, adapter_path: str) -> int:
+        await asyncio.to_thread(self.registry.get, name)
+        read_adapter_config(Path(adapter_path), self.settings.max_lora_rank)
+        async with self._lock:
+            version = await self._add_adapter_locked(name, Path(adapter_path))
+            self._refresh_gauge()
+            return version
+
+    async def _add_adapter_locked(self, name: str, source: Path) -> int:
+        record = await asyncio.to_thread(self.registry.get, name)
+        version = await asyncio.to_thread(self.registry.add_version, name, "loading", "upload")
+        self._refresh_gauge()
+        model_id = adapter_model_id(name, version)
+        started = time.monotonic()
+        manifest: dict[str, Any] = {
+            "prompt": name, "version": version, "source": "upload", "uploaded_from": str(source),
+            "prompt_hash": template_from_record(record).digest(), "base_model": self.settings.served_model_name,
+        }
+        try:
+            path = await asyncio.to_thread(self.store.import_adapter, source, name, version,
+                                           self.settings.served_model_name, manifest)
+            await self._load_and_warm(model_id, path)
+        except (APIError, OSError, ValueError) as exc:
+            message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+            await asyncio.to_thread(self.registry.update_version, name, version, status="failed", error=message)
+            await asyncio.to_thread(self.store.remove_version, name, version)
+            if isinstance(exc, APIError):
+                raise
+            raise AdapterLoadError(message, param="adapter_path", code="invalid_adapter") from exc
+        manifest["load_seconds"] = round(time.monotonic() - started, 3)
+        await asyncio.to_thread(self.registry.update_version, name, version, status="ready", path=str(path),
+                                manifest=manifest)
+        await self._replace_active(name, model_id)
+        return version
+
+    async def _replace_active(self, name: str, model_id: str) -> None:
+        """Route to the new version first, then unload the old one: no window without an adapter."""
+        entry = self._routes.get(name)
+        previous = entry.adapter if entry else None
+        self._set_adapter(name, model_id)
+        if previous and previous != model_id:
+            await self.engine.unload_adapter(previous)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.registry.get, name)
+            await self._delete_locked(name)
+            self._refresh_gauge()
+
+    async def _delete_locked(self, name: str) -> None:
+        self._publish(None, name)  # routing stops at once
+        for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
+            await self.engine.unload_adapter(model_id)
+        with contextlib.suppress(NotFound):
+            await asyncio.to_thread(self.registry.delete, name)
+        await asyncio.to_thread(self.store.remove_prompt, name)
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def describe(self, record: PromptRecord) -> PromptOut:
+        template = template_from_record(record)
+        active = record.active_version
+        job = record.jobs[-1] if record.jobs else None
+        return PromptOut(
+            name=record.name, kind=template.kind, template=record.template, slots=list(template.slots),
+            examples=record.examples, status=record.status,
+            active_version=active.version if active else None,
+            versions=[VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
+                                 created=v.created, manifest=v.manifest, error=v.error) for v in record.versions],
+            job=JobOut(id=job.id, status=job.status, progress=job.progress, error=job.error, attempts=job.attempts,
+                       version=job.version, created=job.created, started=job.started, finished=job.finished)
+            if job else None,
+            created=record.created,
+        )

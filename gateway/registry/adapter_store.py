@@ -1,0 +1,80 @@
+"""The adapter store on disk: `<ADAPTER_DIR>/<prompt>/v<N>/`, always written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+TMP_PREFIX = ".tmp-"
+
+
+class AdapterStore:
+    """Folders that vLLM and the embedded engine read; a folder appears whole or not at all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def version_dir(self, prompt: str, version: int) -> Path:
+        return self.root / prompt / f"v{version}"
+
+    def staging_dir(self, prompt: str, version: int) -> Path:
+        """A fresh temporary folder beside the final one (same filesystem, so rename is atomic)."""
+        parent = self.root / prompt
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}v{version}-", dir=parent))
+
+    def publish(self, staging: Path, prompt: str, version: int) -> Path:
+        final = self.version_dir(prompt, version)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return final
+
+    def import_adapter(self, source: Path, prompt: str, version: int, served_model_name: str,
+                       manifest: dict[str, Any]) -> Path:
+        """Copy an uploaded PEFT folder in, naming the served base model so vLLM accepts it."""
+        staging = self.staging_dir(prompt, version)
+        try:
+            for name in ADAPTER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, staging / name)
+            config_path = staging / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = served_model_name
+            config_path.write_text(json.dumps(config, indent=2))
+            write_manifest(staging, manifest)
+            return self.publish(staging, prompt, version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def remove_prompt(self, prompt: str) -> None:
+        shutil.rmtree(self.root / prompt, ignore_errors=True)
+
+    def remove_version(self, prompt: str, version: int) -> None:
+        shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)
+
+    def remove_staging_leftovers(self) -> list[Path]:
+        """Half-written folders from a crash or restart: never loaded, removed at start-up."""
+        leftovers = [p for p in self.root.glob(f"*/{TMP_PREFIX}*") if p.is_dir()]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return leftovers
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,251 @@
+"""PromptRegistry: persistent prompts, adapter versions and training jobs (SQLAlchemy)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from gateway.errors import Conflict, NotFound
+from gateway.registry.db import (
+    AdapterVersionRow,
+    Base,
+    PromptRow,
+    RunnerLeaseRow,
+    TrainJobRow,
+    enable_sqlite_foreign_keys,
+    utcnow,
+)
+
+PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+VERSION_STATUSES = ("training", "loading", "ready", "failed")
+JOB_ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    status: str
+    source: str
+    path: str | None
+    manifest: dict[str, Any] | None
+    error: str | None
+    created: datetime
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    prompt: str
+    status: str
+    spec: dict[str, Any]
+    progress: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    version: int | None
+    created: datetime
+    started: datetime | None
+    finished: datetime | None
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    name: str
+    kind: str
+    template: Any
+    examples: list[dict[str, str]]
+    created: datetime
+    versions: list[VersionRecord] = field(default_factory=list)
+    jobs: list[JobRecord] = field(default_factory=list)
+
+    @property
+    def active_version(self) -> VersionRecord | None:
+        """The newest ready version: a new one takes over only once it is ready."""
+        ready = [v for v in self.versions if v.status == "ready"]
+        return ready[-1] if ready else None
+
+    @property
+    def status(self) -> str:
+        active = self.active_version
+        return active.status if active else "registered"
+
+
+def _version(row: AdapterVersionRow) -> VersionRecord:
+    return VersionRecord(row.version, row.status, row.source, row.path, row.manifest, row.error, row.created_at)
+
+
+def _job(row: TrainJobRow, prompt: str) -> JobRecord:
+    return JobRecord(row.id, prompt, row.status, row.spec, row.progress, row.error, row.attempts, row.version,
+                     row.created_at, row.started_at, row.finished_at)
+
+
+def _prompt(row: PromptRow) -> PromptRecord:
+    return PromptRecord(row.name, row.kind, row.template, list(row.examples or []), row.created_at,
+                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs])
+
+
+def check_prompt_name(name: str) -> None:
+    from gateway.errors import Unprocessable
+
+    if not PROMPT_NAME.fullmatch(name):
+        raise Unprocessable(
+            "a prompt name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            param="name", code="invalid_name")
+
+
+class PromptRegistry:
+    """The registry's only door to the database; every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True)
+        enable_sqlite_foreign_keys(self.engine)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self._session() as s:
+            s.execute(select(1))
+
+    def _load(self, s: Session, name: str) -> PromptRow:
+        row = s.scalars(
+            select(PromptRow).where(PromptRow.name == name)
+            .options(selectinload(PromptRow.versions), selectinload(PromptRow.jobs))
+        ).first()
+        if row is None:
+            raise NotFound(f"prompt '{name}' is not registered", param="name", code="prompt_not_found")
+        return row
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def create(self, name: str, kind: str, template: Any, examples: list[dict[str, str]]) -> PromptRecord:
+        check_prompt_name(name)
+        with self._session() as s:
+            row = PromptRow(name=name, kind=kind, template=template, examples=examples, created_at=utcnow())
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError as exc:
+                raise Conflict(f"prompt '{name}' already exists", param="name", code="prompt_exists") from exc
+            return self.get(name)
+
+    def get(self, name: str) -> PromptRecord:
+        with self._session() as s:
+            return _prompt(self._load(s, name))
+
+    def all(self) -> list[PromptRecord]:
+        with self._session() as s:
+            rows = s.scalars(
+                select(PromptRow).order_by(PromptRow.name)
+                .options(selectinload(PromptRow.versions), selectinload(PromptRow.jobs))
+            ).all()
+            return [_prompt(r) for r in rows]
+
+    def delete(self, name: str) -> PromptRecord:
+        with self._session() as s:
+            row = self._load(s, name)
+            record = _prompt(row)
+            s.delete(row)
+            s.commit()
+            return record
+
+    # -- adapter versions ----------------------------------------------------------------------
+
+    def add_version(self, name: str, status: str, source: str) -> int:
+        """Reserve the next version number of a prompt."""
+        with self._session() as s:
+            row = self._load(s, name)
+            number = max((v.version for v in row.versions), default=0) + 1
+            s.add(AdapterVersionRow(prompt_id=row.id, version=number, status=status, source=source,
+                                    created_at=utcnow()))
+            s.commit()
+            return number
+
+    def update_version(self, name: str, version: int, **changes: Any) -> None:
+        with self._session() as s:
+            row = self._load(s, name)
+            match = next((v for v in row.versions if v.version == version), None)
+            if match is None:
+                raise NotFound(f"prompt '{name}' has no version {version}", code="version_not_found")
+            for key, value in changes.items():
+                setattr(match, key, value)
+            s.commit()
+
+    def adapter_counts(self) -> dict[str, int]:
+        with self._session() as s:
+            rows = s.execute(
+                select(AdapterVersionRow.status, func.count()).group_by(AdapterVersionRow.status)
+            ).all()
+            return dict(Counter({status: int(count) for status, count in rows}))
+
+    # -- training jobs -------------------------------------------------------------------------
+
+    def create_job(self, name: str, spec: dict[str, Any]) -> JobRecord:
+        with self._session() as s:
+            row = self._load(s, name)
+            job = TrainJobRow(prompt_id=row.id, status="queued", spec=spec, created_at=utcnow())
+            s.add(job)
+            s.commit()
+            return _job(job, name)
+
+    def get_job(self, job_id: int) -> JobRecord | None:
+        with self._session() as s:
+            row = s.get(TrainJobRow, job_id)
+            return None if row is None else _job(row, row.prompt.name)
+
+    def next_queued_job(self) -> JobRecord | None:
+        with self._session() as s:
+            row = s.scalars(
+                select(TrainJobRow).where(TrainJobRow.status == "queued").order_by(TrainJobRow.id)
+            ).first()
+            return None if row is None else _job(row, row.prompt.name)
+
+    def running_jobs(self) -> list[JobRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(TrainJobRow).where(TrainJobRow.status == "running")).all()
+            return [_job(r, r.prompt.name) for r in rows]
+
+    def update_job(self, job_id: int, **changes: Any) -> None:
+        with self._session() as s:
+            row = s.get(TrainJobRow, job_id)
+            if row is None:
+                return
+            for key, value in changes.items():
+                setattr(row, key, value)
+            s.commit()
+
+    def acquire_lease(self, owner: str, ttl: timedelta) -> bool:
+        """Take or renew the single job-runner lease; False while another live runner holds it."""
+        now = utcnow()
+        with self._session() as s:
+            row = s.get(RunnerLeaseRow, 1, with_for_update=True)
+            if row is None:
+                s.add(RunnerLeaseRow(id=1, owner=owner, heartbeat_at=now))
+            else:
+                beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=now.tzinfo)
+                if row.owner != owner and now - beat < ttl:
+                    return False
+                row.owner, row.heartbeat_at = owner, now
+            try:
+                s.commit()
+            except IntegrityError:
+                return False
+            return True
+
+    def release_lease(self, owner: str) -> None:
+        with self._session() as s:
+            row = s.get(RunnerLeaseRow, 1)
+            if row is not None and row.owner == owner:
+                s.delete(row)
+                s.commit()
