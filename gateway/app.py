@@ -6,12 +6,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.basemodel import base_model_dir
@@ -43,19 +42,22 @@ def build_engine(settings: Settings) -> Engine:
                           default_max_tokens=settings.default_max_tokens, threads=settings.torch_threads)
 
 
-class BodySizeLimit(BaseHTTPMiddleware):
-    """Refuse oversized bodies before they are parsed (by Content-Length)."""
+class BodySizeLimit:
+    """Refuse oversized bodies by Content-Length before they are read (plain ASGI: no per-request task)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        super().__init__(app)
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
         self.limit = limit
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return error_json(PayloadTooLarge(f"the request body is larger than {self.limit} bytes",
-                                              code="request_too_large"))
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = error_json(PayloadTooLarge(f"the request body is larger than {self.limit} bytes",
+                                                          code="request_too_large"))
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

@@ -48,6 +48,23 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vllm(args: argparse.Namespace) -> int:
+    from gateway.basemodel import base_model_dir
+    from gateway.vllm_server import VLLM_VENV, vllm_command, vllm_env, vllm_python
+
+    settings = _settings()
+    python = Path(args.python) if args.python else vllm_python()
+    if not python.exists():
+        print(f"promptintern vllm: {python} not found; `make vllm-venv` creates {VLLM_VENV}", file=sys.stderr)
+        return 2
+    command = vllm_command(settings, base_model_dir(settings), python=python, port=args.port,
+                           max_loras=args.max_loras, max_model_len=args.max_model_len,
+                           prefix_caching=not args.no_prefix_caching, fast_start=args.fast_start)
+    print("[promptintern] " + " ".join(command), flush=True)
+    os.execve(command[0], command, vllm_env(threads=args.threads))
+    return 0  # pragma: no cover - execve does not return
+
+
 def ensure_admin_key(settings: Settings) -> str:
     """The key from the environment, else the one stored in DATA_DIR (created with mode 600)."""
     if settings.admin_key:
@@ -137,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="materialise the base model (once) and print its folder")
     model.set_defaults(func=cmd_model)
+
+    vllm = sub.add_parser("vllm", help="run vLLM's OpenAI server for this gateway (LoRA on, runtime loading on)")
+    vllm.add_argument("--port", type=int, help="listen port (default PROMPTINTERN_VLLM_PORT or 8100)")
+    vllm.add_argument("--python", help="the vLLM venv's python (default .venv-vllm/bin/python)")
+    vllm.add_argument("--max-loras", type=int, default=4, help="adapters held at once (default 4)")
+    vllm.add_argument("--max-model-len", type=int, default=4096, help="context length (default 4096)")
+    vllm.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    vllm.add_argument("--fast-start", action="store_true",
+                      help="eager mode, no compilation: starts in ~30 s instead of ~3 min, serves slower")
+    vllm.add_argument("--threads", type=int, help="OMP threads for vLLM on CPU")
+    vllm.set_defaults(func=cmd_vllm)
 
     admin = sub.add_parser("admin-key", help="print the admin key: PROMPTINTERN_ADMIN_KEY, else one kept in DATA_DIR")
     admin.set_defaults(func=cmd_admin_key)

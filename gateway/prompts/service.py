@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
-from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, SamplingParams
+from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
 from gateway.engines.embedded import read_adapter_config
 from gateway.errors import APIError, NotFound, Unprocessable
 from gateway.matcher import Matcher
@@ -137,6 +137,11 @@ class PromptService:
             model_id = adapter_model_id(name, version.version)
             try:
                 await self._load_and_warm(model_id, Path(version.path or ""))
+            except EngineUnavailable as exc:
+                # The engine remembers the adapter and loads it when it is back; until then: fallback.
+                log.warning("engine unavailable (%s); %s will be loaded when it is back", exc.message, model_id)
+                self._set_adapter(name, model_id)
+                return
             except APIError as exc:
                 log.error("adapter %s no longer loads: %s", model_id, exc.message)
                 await asyncio.to_thread(self.registry.update_version, name, version.version, status="failed",
@@ -159,6 +164,8 @@ class PromptService:
                                     params=SamplingParams(max_tokens=1, temperature=0.0))
             async for _ in self.engine.generate(request):
                 pass
+        except EngineUnavailable:
+            raise
         except APIError:
             await self.engine.unload_adapter(model_id)
             raise

