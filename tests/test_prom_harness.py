@@ -1,0 +1,154 @@
+"""The Prometheus harness, proven on a real Prometheus: scraping itself, then the gateway's metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    from tests import prom_harness as harness
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    import prom_harness as harness  # type: ignore[no-redef]
+
+
+def test_dashboard_expressions_are_plain_promql() -> None:
+    exprs = harness.dashboard_expressions()
+    assert len(exprs) >= 20
+    assert not [e for e in exprs if "$" in e or "[[" in e]
+    assert any('prompt=~".+"' in e for e in exprs)
+    assert any('prompt=~"p1"' in e for e in harness.dashboard_expressions(variables={"prompt": "p1"}))
+    assert harness.substitute('rate(x[$__rate_interval]) + y{a=~"${prompt:regex}"}') == 'rate(x[15s]) + y{a=~".+"}'
+    with pytest.raises(ValueError):
+        harness.substitute("rate(x[$__unknown])")
+
+
+def test_rule_expressions_match_rule_names() -> None:
+    exprs = harness.rule_expressions()
+    names = harness.rule_names()
+    assert len(exprs) == len(names) >= 10
+    assert "promptintern:saved_prompt_tokens:rate5m" in names
+    assert "PromptInternAdaptersFailed" in names
+
+
+def test_start_prometheus_refuses_non_loopback_targets(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        harness.start_prometheus(tmp_path, ["10.1.2.3:8000"])
+
+
+@dataclass
+class Stack:
+    prom: harness.PrometheusHandle
+    metrics: Any
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One Prometheus scraping itself and a gateway-metrics endpoint whose series all start at 0."""
+    if harness.prometheus_binary() is None:
+        pytest.skip("no prometheus binary: apt-get install -y --no-install-recommends prometheus")
+    from prometheus_client import start_http_server
+
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    # Every series exists at 0 before the first scrape, so rates start from a common zero.
+    for counter in (metrics.original_prompt_tokens, metrics.sent_prompt_tokens, metrics.saved_prompt_tokens):
+        counter.labels(prompt="p1")
+    metrics.saved_cost.labels(prompt="p1")
+    metrics.completion_tokens.labels(prompt="p1")
+    metrics.requests.labels(prompt="p1", route="adapter")
+    metrics.requests.labels(prompt="p1", route="fallback")
+    metrics.requests.labels(prompt="none", route="passthrough")
+    metrics.request_errors.labels(route="adapter", code="500")
+    port = harness.free_port()
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        with harness.start_prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{port}"], scrape_self=True) as prom:
+            harness.wait_for_scrapes(prom.url, 2)
+            yield Stack(prom, metrics)
+        assert prom.process.poll() is not None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_prometheus_scrapes_itself_and_accepts_every_query(stack: Stack) -> None:
+    url = stack.prom.url
+    up = harness.query(url, 'up{job="prometheus"}')
+    assert [item["value"][1] for item in up] == ["1"]
+    assert harness.query(url, "1 + 1")[0]["value"][1] == "2"
+    groups = harness._get(url, "/api/v1/rules", {})["groups"]
+    assert {g["name"] for g in groups} >= {"promptintern-savings", "promptintern-traffic", "promptintern-alerts"}
+    assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
+    for expr in harness.dashboard_expressions() + harness.rule_expressions():
+        harness.query(url, expr)  # raises ValueError on a query Prometheus refuses
+    with pytest.raises(ValueError):
+        harness.query(url, "sum(")
+
+
+def _settled(url: str, expr: str, expected: float | None = None) -> float:
+    """The value of a one-series expression once the rules have caught up with the last scrape."""
+    value = float("nan")
+    for _ in range(40):
+        result = harness.query(url, expr)
+        if len(result) == 1:
+            value = float(result[0]["value"][1])
+            if expected is None or value == pytest.approx(expected, rel=1e-6):
+                return value
+        time.sleep(0.25)
+    return value
+
+
+def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack) -> None:
+    url, metrics = stack.prom.url, stack.metrics
+    for _ in range(10):
+        metrics.original_prompt_tokens.labels(prompt="p1").inc(100)
+        metrics.sent_prompt_tokens.labels(prompt="p1").inc(40)
+        metrics.saved_prompt_tokens.labels(prompt="p1").inc(60)
+        metrics.saved_cost.labels(prompt="p1").inc(0.009)
+        metrics.completion_tokens.labels(prompt="p1").inc(20)
+        metrics.requests.labels(prompt="p1", route="adapter").inc(3)
+        metrics.requests.labels(prompt="p1", route="fallback").inc(1)
+        metrics.requests.labels(prompt="none", route="passthrough").inc(1)
+        metrics.request_errors.labels(route="adapter", code="500").inc(1)
+        metrics.request_duration.labels(route="adapter").observe(0.3)
+        metrics.request_duration.labels(route="fallback").observe(4.0)
+        metrics.time_to_first_token.labels(route="adapter").observe(0.08)
+        metrics.detection_duration.observe(2e-5)
+    metrics.set_adapter_counts({"ready": 2, "failed": 1})
+    done = harness.wait_for_scrapes(url, 1, job=harness.GATEWAY_JOB)
+    harness.wait_for_scrapes(url, done + 2, job=harness.GATEWAY_JOB)
+
+    assert _settled(url, 'promptintern:saved_prompt_tokens:ratio_rate5m{prompt="p1"}', 0.6) == pytest.approx(0.6)
+    assert _settled(url, 'promptintern:fallback_requests:ratio_rate5m{prompt="p1"}', 0.25) == pytest.approx(0.25)
+    # 10 server errors against 50 answered requests plus those 10.
+    assert _settled(url, "promptintern:request_errors:ratio_rate5m", 10 / 60) == pytest.approx(10 / 60)
+    assert _settled(url, 'promptintern:saved_cost_usd_per_hour:rate5m{prompt="p1"}') > 0
+
+    # The dashboard's per-prompt share of tokens removed, with $prompt set to the prompt.
+    [share] = [
+        e
+        for e in harness.dashboard_expressions(variables={"prompt": "p1"})
+        if e.startswith("sum by (prompt) (rate(promptintern_saved_prompt_tokens_total") and "original" in e
+    ]
+    assert _settled(url, share, 0.6) == pytest.approx(0.6)
+
+    # Every gateway query of the dashboard finds series: a misspelt metric or label would not.
+    empty = [e for e in harness.dashboard_expressions() if "vllm:" not in e and not harness.query(url, e)]
+    assert empty == []
+
+    # The alerts' conditions hold; each still waits out its `for` (pending).
+    wanted = {"PromptInternAdapterFallbackHigh", "PromptInternErrorRateHigh", "PromptInternAdaptersFailed"}
+    pending: set[str] = set()
+    for _ in range(40):
+        pending = {item["metric"]["alertname"] for item in harness.query(url, 'ALERTS{alertname=~"PromptIntern.*"}')}
+        if pending >= wanted:
+            break
+        time.sleep(0.25)
+    assert pending >= wanted
+    assert "PromptInternGatewayDown" not in pending
