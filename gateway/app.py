@@ -17,6 +17,7 @@ from gateway.basemodel import base_model_dir
 from gateway.config import Settings
 from gateway.engines.base import Engine
 from gateway.errors import APIError, PayloadTooLarge, ServiceUnavailable, error_json, register_exception_handlers
+from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api.routes import router as openai_router
@@ -83,10 +84,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.inference = InferenceService(settings, the_engine, prompts, counter, metrics)
         app.state.started_at = int(time.time())
         await prompts.sync()
+        runner = JobRunner(settings, registry, store, prompts, model_dir)
+        prompts.jobs = runner
+        await runner.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
+            await runner.close()
             await the_engine.close()
             registry.close()
 

@@ -132,9 +132,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         matcher_bench.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
         return 0
+    if args.target == "dashboard":
+        from gateway.bench import dashboard
+
+        out = dashboard.run(_settings(), Path(args.out), prometheus_url=args.prometheus_url,
+                            duration=args.duration)
+        print(f"dashboard picture: {out}")
+        return 0
+    if args.target == "engines":
+        from gateway.bench import engines as engines_bench
+
+        engines_bench.run(_settings(), requests=args.requests or 16, max_tokens=args.max_tokens,
+                          fast_start=args.fast_start, skip_vllm=args.skip_vllm)
+        return 0
     from gateway.bench import gateway as gateway_bench
 
-    gateway_bench.run(_settings(), requests=args.requests)
+    gateway_bench.run(_settings(), requests=args.requests or 40)
     return 0
 
 
@@ -187,22 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.set_defaults(func=cmd_prompts)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("target", choices=["matcher", "gateway"],
+    bench.add_argument("target", choices=["matcher", "gateway", "engines", "dashboard"],
                        help="matcher: detection time vs number of templates; "
-                            "gateway: added latency against calling the engine directly")
+                            "gateway: added latency against calling the engine directly; "
+                            "engines: full prompt vs bare query on the embedded engine and vLLM; "
+                            "dashboard: draw the cost dashboard's main panels to a PNG")
     bench.add_argument("--templates", type=int, nargs="+", default=[10, 1000, 10000],
                        help="matcher: numbers of registered templates")
     bench.add_argument("--request-tokens", type=int, default=2000, help="matcher: request size in tokens")
     bench.add_argument("--repeats", type=int, default=2000, help="matcher: detections timed per row")
-    bench.add_argument("--requests", type=int, default=40, help="gateway: requests per condition")
+    bench.add_argument("--requests", type=int, default=None,
+                       help="gateway: interleaved rounds (default 40); engines: requests per condition (default 16)")
+    bench.add_argument("--max-tokens", type=int, default=16, help="engines: tokens generated per request")
+    bench.add_argument("--fast-start", action="store_true", help="engines: start vLLM in eager mode")
+    bench.add_argument("--skip-vllm", action="store_true", help="engines: embedded engine only")
+    bench.add_argument("--out", default="results/dashboard.png", help="dashboard: the PNG to write")
+    bench.add_argument("--prometheus-url", help="dashboard: draw from this Prometheus instead of a demo stack "
+                                                "(gateway + Prometheus + mixed traffic started here)")
+    bench.add_argument("--duration", type=float, default=45.0, help="dashboard: seconds of demo traffic")
     bench.set_defaults(func=cmd_bench)
 
-    try:
-        from trainer.cli import add_train_parser
-    except ImportError:  # pragma: no cover - trainer is part of the same distribution
-        pass
-    else:
-        add_train_parser(sub)
+    from trainer.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

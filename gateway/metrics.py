@@ -5,9 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # LLM-sized latency buckets: tens of milliseconds to minutes.
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+                   300.0)
 DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 ADAPTER_STATUSES = ("training", "loading", "ready", "failed")
+ROUTES = ("adapter", "fallback", "passthrough")
 NO_PROMPT = "none"
 
 
@@ -60,6 +62,15 @@ class GatewayMetrics:
         )
         for status in ADAPTER_STATUSES:
             self.adapters.labels(status=status).set(0)
+        self.track_prompt(NO_PROMPT)
+
+    def track_prompt(self, prompt: str) -> None:
+        """Export a registered prompt's series at 0 right away, so `rate()` sees them start from zero."""
+        for route in ROUTES:
+            self.requests.labels(prompt=prompt, route=route)
+        for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,
+                        self.saved_cost, self.completion_tokens):
+            counter.labels(prompt=prompt)
 
     def set_adapter_counts(self, counts: dict[str, int]) -> None:
         for status in ADAPTER_STATUSES:

@@ -35,6 +35,25 @@ def test_rule_expressions_match_rule_names() -> None:
     assert "PromptInternAdaptersFailed" in names
 
 
+def test_parse_duration() -> None:
+    assert harness.parse_duration("90s") == 90
+    assert harness.parse_duration("1h30m") == 5400
+    assert harness.parse_duration("250ms") == 0.25
+    for bad in ("", "5", "5 m", "m5"):
+        with pytest.raises(ValueError):
+            harness.parse_duration(bad)
+
+
+def test_missing_prometheus_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "prometheus_binary", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        harness.require_prometheus()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        harness.require_prometheus()
+
+
 def test_start_prometheus_refuses_non_loopback_targets(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         harness.start_prometheus(tmp_path, ["10.1.2.3:8000"])
@@ -49,8 +68,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One Prometheus scraping itself and a gateway-metrics endpoint whose series all start at 0."""
-    if harness.prometheus_binary() is None:
-        pytest.skip("no prometheus binary: apt-get install -y --no-install-recommends prometheus")
+    harness.require_prometheus()
     from prometheus_client import start_http_server
 
     from gateway.metrics import GatewayMetrics
@@ -82,13 +100,17 @@ def test_prometheus_scrapes_itself_and_accepts_every_query(stack: Stack) -> None
     up = harness.query(url, 'up{job="prometheus"}')
     assert [item["value"][1] for item in up] == ["1"]
     assert harness.query(url, "1 + 1")[0]["value"][1] == "2"
-    groups = harness._get(url, "/api/v1/rules", {})["groups"]
+    groups = harness.api_get(url, "/api/v1/rules", {})["groups"]
     assert {g["name"] for g in groups} >= {"promptintern-savings", "promptintern-traffic", "promptintern-alerts"}
     assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
     for expr in harness.dashboard_expressions() + harness.rule_expressions():
         harness.query(url, expr)  # raises ValueError on a query Prometheus refuses
     with pytest.raises(ValueError):
         harness.query(url, "sum(")
+    assert harness.scrape_interval_seconds(url) == 1.0
+    now = time.time()
+    [series] = harness.query_range(url, 'up{job="prometheus"}', now - 5, now, 1)
+    assert series["values"] and all(value == "1" for _t, value in series["values"])
 
 
 def _settled(url: str, expr: str, expected: float | None = None) -> float:

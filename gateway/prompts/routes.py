@@ -9,14 +9,14 @@ from fastapi import APIRouter, Depends, Request, Response, status
 
 from gateway.auth import require_admin
 from gateway.errors import ErrorResponse
-from gateway.prompts.protocol import AddAdapter, PromptList, PromptOut, RegisterPrompt, VersionOut
-from gateway.prompts.service import PromptService
+from gateway.prompts.protocol import AddAdapter, JobOut, PromptList, PromptOut, RegisterPrompt, TrainSpec, VersionOut
+from gateway.prompts.service import PromptService, job_out
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin key"},
     404: {"model": ErrorResponse, "description": "Unknown prompt"},
     409: {"model": ErrorResponse, "description": "The name is taken"},
-    422: {"model": ErrorResponse, "description": "Invalid template, example or adapter"},
+    422: {"model": ErrorResponse, "description": "Invalid template, example, adapter or training data"},
 }
 
 router = APIRouter(prefix="/v1/prompts", tags=["Registry"], dependencies=[Depends(require_admin)], responses=ERRORS)
@@ -55,6 +55,12 @@ async def add_adapter(name: str, body: AddAdapter, prompts: Prompts) -> VersionO
     v = next(v for v in record.versions if v.version == version)
     return VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
                       created=v.created, manifest=v.manifest, error=v.error)
+
+
+@router.post("/{name}/train", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             summary="Queue a training job: the prompt is internalised into a new adapter version")
+async def train_prompt(name: str, body: TrainSpec, prompts: Prompts) -> JobOut:
+    return job_out(await prompts.train(name, body))
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT,

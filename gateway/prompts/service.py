@@ -13,12 +13,13 @@ from typing import Any
 from gateway.config import Settings
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
 from gateway.engines.embedded import read_adapter_config
-from gateway.errors import APIError, NotFound, Unprocessable
+from gateway.errors import APIError, NotFound, ServiceUnavailable, Unprocessable
+from gateway.jobs import JobRunner, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
-from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, VersionOut
+from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
 from gateway.registry.adapter_store import AdapterStore
-from gateway.registry.store import PromptRecord, PromptRegistry, check_prompt_name
+from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, check_prompt_name
 from gateway.templates import PromptTemplate, TemplateError, parse_template
 from gateway.tokens import TokenCounter
 
@@ -71,6 +72,11 @@ def validate_examples(template: PromptTemplate, examples: list[dict[str, str]]) 
     return cleaned
 
 
+def job_out(job: JobRecord) -> JobOut:
+    return JobOut(id=job.id, status=job.status, progress=job.progress, error=job.error, attempts=job.attempts,
+                  version=job.version, created=job.created, started=job.started, finished=job.finished)
+
+
 class PromptService:
     """Owns the routing table; every change goes registry first, then engine, then routing."""
 
@@ -86,6 +92,7 @@ class PromptService:
         self._routes: dict[str, RoutablePrompt] = {}
         self._by_adapter: dict[str, RoutablePrompt] = {}
         self._lock = asyncio.Lock()
+        self.jobs: JobRunner | None = None  # set by the app once the job runner exists
 
     # -- routing table -------------------------------------------------------------------------
 
@@ -104,12 +111,14 @@ class PromptService:
             routes.pop(name, None)
             self.matcher.remove(name)
         else:
+            if name not in routes:
+                self.metrics.track_prompt(name)
             routes[name] = entry
             self.matcher.add(name, entry.template)
         self._routes = routes
         self._by_adapter = {e.adapter: e for e in routes.values() if e.adapter}
 
-    def _refresh_gauge(self) -> None:
+    def refresh_gauge(self) -> None:
         self.metrics.set_adapter_counts(self.registry.adapter_counts())
 
     # -- start-up ------------------------------------------------------------------------------
@@ -128,7 +137,7 @@ class PromptService:
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(record.name, template, static, None), record.name)
             await self._activate_newest(record.name)
-        self._refresh_gauge()
+        self.refresh_gauge()
 
     async def _activate_newest(self, name: str) -> None:
         """Load the newest ready version that still loads; mark those that no longer do as failed."""
@@ -183,9 +192,9 @@ class PromptService:
         examples = validate_examples(template, body.examples)
         if body.adapter_path is not None:
             read_adapter_config(Path(body.adapter_path), self.settings.max_lora_rank)
-        if body.train is not None:
-            raise Unprocessable("training from the registry is not enabled in this gateway build",
-                                param="train", code="training_unavailable")
+        train_spec = prepare_train_spec(template, body.train) if body.train is not None else None
+        if train_spec is not None and body.adapter_path is not None:
+            raise Unprocessable("give 'adapter_path' or 'train', not both", param="train", code="invalid_value")
         async with self._lock:
             record = await asyncio.to_thread(self.registry.create, body.name, template.kind, template.source(),
                                              examples)
@@ -198,21 +207,57 @@ class PromptService:
                     # Registration and adapter are one request: undo both, so a retry can succeed.
                     await self._delete_locked(body.name)
                     raise
-            self._refresh_gauge()
+            if train_spec is not None:
+                await asyncio.to_thread(self._runner().submit, body.name, train_spec)
+            self.refresh_gauge()
         return await asyncio.to_thread(self.registry.get, record.name)
+
+    def _runner(self) -> JobRunner:
+        if self.jobs is None:
+            raise ServiceUnavailable("the training job runner is not running", code="jobs_unavailable")
+        return self.jobs
+
+    async def train(self, name: str, spec: TrainSpec) -> JobRecord:
+        """Queue a training job for a registered prompt (validated now, trained in order)."""
+        record = await asyncio.to_thread(self.registry.get, name)
+        prepared = prepare_train_spec(template_from_record(record), spec)
+        return await asyncio.to_thread(self._runner().submit, name, prepared)
+
+    async def activate_trained(self, name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
+        """Load a freshly trained version, warm it, and route to it; a failure leaves the old one in service."""
+        model_id = adapter_model_id(name, version)
+        try:
+            await asyncio.to_thread(self.registry.update_version, name, version, status="loading", path=str(path),
+                                    manifest=manifest)
+            self.refresh_gauge()
+            async with self._lock:
+                await self._load_and_warm(model_id, path)
+                await asyncio.to_thread(self.registry.update_version, name, version, status="ready")
+                await self._replace_active(name, model_id)
+        except NotFound:
+            return False  # deleted meanwhile
+        except APIError as exc:
+            log.error("trained adapter %s did not load: %s", model_id, exc.message)
+            with contextlib.suppress(NotFound):
+                await asyncio.to_thread(self.registry.update_version, name, version, status="failed",
+                                        error=f"the trained adapter did not load: {exc.message}")
+            return False
+        finally:
+            self.refresh_gauge()
+        return True
 
     async def add_adapter(self, name: str, adapter_path: str) -> int:
         await asyncio.to_thread(self.registry.get, name)
         read_adapter_config(Path(adapter_path), self.settings.max_lora_rank)
         async with self._lock:
             version = await self._add_adapter_locked(name, Path(adapter_path))
-            self._refresh_gauge()
+            self.refresh_gauge()
             return version
 
     async def _add_adapter_locked(self, name: str, source: Path) -> int:
         record = await asyncio.to_thread(self.registry.get, name)
         version = await asyncio.to_thread(self.registry.add_version, name, "loading", "upload")
-        self._refresh_gauge()
+        self.refresh_gauge()
         model_id = adapter_model_id(name, version)
         started = time.monotonic()
         manifest: dict[str, Any] = {
@@ -248,10 +293,12 @@ class PromptService:
         async with self._lock:
             await asyncio.to_thread(self.registry.get, name)
             await self._delete_locked(name)
-            self._refresh_gauge()
+            self.refresh_gauge()
 
     async def _delete_locked(self, name: str) -> None:
         self._publish(None, name)  # routing stops at once
+        if self.jobs is not None:
+            await self.jobs.cancel(name)
         for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
             await self.engine.unload_adapter(model_id)
         with contextlib.suppress(NotFound):
@@ -270,8 +317,6 @@ class PromptService:
             active_version=active.version if active else None,
             versions=[VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
                                  created=v.created, manifest=v.manifest, error=v.error) for v in record.versions],
-            job=JobOut(id=job.id, status=job.status, progress=job.progress, error=job.error, attempts=job.attempts,
-                       version=job.version, created=job.created, started=job.started, finished=job.finished)
-            if job else None,
+            job=job_out(job) if job else None,
             created=record.created,
         )

@@ -61,8 +61,8 @@ class AdapterStore:
         shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)
 
     def remove_staging_leftovers(self) -> list[Path]:
-        """Half-written folders from a crash or restart: never loaded, removed at start-up."""
-        leftovers = [p for p in self.root.glob(f"*/{TMP_PREFIX}*") if p.is_dir()]
+        """Half-written folders from a crash or restart (hidden names): never loaded, removed at start-up."""
+        leftovers = [p for p in self.root.glob("*/.*") if p.is_dir()]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers

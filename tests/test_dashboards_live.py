@@ -1,0 +1,252 @@
+"""The deploy files against live traffic: a real gateway, a real Prometheus, every dashboard and rule query.
+
+The gateway (tiny model) answers a known mix of adapter, fallback, passthrough and failing
+requests; Prometheus scrapes it every second with the repo's rules. Every query of the Grafana
+dashboard and of the rules must find series, and the savings must equal what the responses said.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.bench import dashboard
+from gateway.bench import prometheus as prom
+from gateway.bench.lora import random_lora
+from gateway.config import Settings
+from tests.conftest import LiveServer, gateway_settings
+from tests.prom_harness import require_prometheus
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SHELL = [  # registered with an adapter: the adapter route
+    {"role": "system", "content": "Answer with one shell command.\nInput: show files\nOutput: ls\n"
+                                  "Input: where am I\nOutput: pwd"},
+    {"role": "user", "content": "Input: {query}\nOutput:"},
+]
+SQL = [  # registered without one: the fallback route
+    {"role": "system", "content": "Answer with one SQL query on orders(id, total).\nQ: count orders\n"
+                                  "A: SELECT COUNT(*) FROM orders;"},
+    {"role": "user", "content": "Q: {query}\nA:"},
+]
+QUERIES = ("make a dir", "count lines in a.txt", "print the date", "show the biggest order", "list big files")
+ROUNDS = 6
+ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than the context (400)
+SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS, ("none", "passthrough"): ROUNDS}
+RATE_INTERVAL = "1m"  # `$__rate_interval` for the checks: wide enough to hold all of the test's traffic
+# Alerts are conditions: empty while healthy. Only vLLM's fires here, since there is no vLLM.
+ALERTS_FIRING = {"PromptInternVllmDown"}
+# Its numerator counts 5xx errors only; with none sent it has no series (the test sends 4xx only).
+EMPTY_WITHOUT_SERVER_ERRORS = {"promptintern:request_errors:ratio_rate5m"}
+
+
+@dataclass
+class Observed:
+    """What the test sent and what the responses said, next to the Prometheus that scraped it all."""
+
+    server: LiveServer
+    prometheus_url: str
+    started: float
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    original: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)
+    saved: Counter[str] = field(default_factory=Counter)
+
+
+def _chat(server: LiveServer, messages: list[dict[str, str]], model: str = BASE) -> httpx.Response:
+    body = {"model": model, "messages": messages, "max_tokens": 4, "temperature": 0}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def _fill(template: list[dict[str, str]], query: str) -> list[dict[str, str]]:
+    return [{**m, "content": m["content"].replace("{query}", query)} for m in template]
+
+
+def _answered(seen: Observed, response: httpx.Response, prompt: str, route: str) -> None:
+    assert response.status_code == 200, response.text
+    assert response.headers["x-promptintern-route"] == route
+    if prompt != "none":
+        assert response.headers["x-promptintern-prompt"] == prompt
+    usage = response.json()["usage"]
+    seen.requests[prompt, route] += 1
+    seen.original[prompt] += usage["promptintern"]["original_prompt_tokens"]
+    seen.sent[prompt] += usage["prompt_tokens"]
+    seen.saved[prompt] += usage["promptintern"]["saved_prompt_tokens"]
+
+
+def _failed(seen: Observed, response: httpx.Response, route: str, code: int) -> None:
+    assert response.status_code == code, response.text
+    seen.errors[route, str(code)] += 1
+
+
+def _send_traffic(seen: Observed) -> None:
+    server = seen.server
+    for r in range(ROUNDS):
+        for i in range(2):
+            _answered(seen, _chat(server, _fill(SHELL, QUERIES[(2 * r + i) % len(QUERIES)])), "shell", "adapter")
+        _answered(seen, _chat(server, _fill(SQL, QUERIES[r % len(QUERIES)])), "sql", "fallback")
+        _answered(seen, _chat(server, [{"role": "user", "content": f"hello {r}"}]), "none", "passthrough")
+        if r in ERROR_ROUNDS:
+            _failed(seen, _chat(server, [{"role": "user", "content": "hi"}], model="gpt-5"), "none", 404)
+            too_long = [{"role": "user", "content": "word " * 2000}]  # the tiny model's context is 512
+            _failed(seen, _chat(server, too_long), "passthrough", 400)
+        time.sleep(0.5)  # spread over several scrapes, so that the rates have a shape
+
+
+@pytest.fixture(scope="module")
+def observed(tiny_model_path: Path, module_tmp: Path) -> Iterator[Observed]:
+    require_prometheus()
+    adapter = random_lora(tiny_model_path, module_tmp / "shell-lora", seed=21, scale=20.0)
+    with LiveServer(gateway_settings(module_tmp, tiny_model_path)) as server:
+        with server.admin() as admin:
+            r = admin.post("/v1/prompts", json={"name": "shell", "messages": SHELL, "adapter_path": str(adapter)})
+            assert r.status_code == 201 and r.json()["status"] == "ready", r.text
+            assert admin.post("/v1/prompts", json={"name": "sql", "messages": SQL}).status_code == 201
+        target = server.url.removeprefix("http://")
+        with prom.start_prometheus(module_tmp, [target], "1s") as prometheus:
+            prom.wait_for_scrapes(prometheus.url, 2, job=prom.GATEWAY_JOB)
+            seen = Observed(server, prometheus.url, started=time.time())
+            _send_traffic(seen)
+            done = prom.wait_for_scrapes(prometheus.url, 1, job=prom.GATEWAY_JOB)
+            prom.wait_for_scrapes(prometheus.url, done + 2, job=prom.GATEWAY_JOB)
+            yield seen
+
+
+def _settled(url: str, expr: str, expected: float, rel: float = 1e-9) -> float:
+    """The value of a one-series expression once the rules have evaluated after the last scrape."""
+    value = math.nan
+    for _ in range(40):
+        result = prom.query(url, expr)
+        if len(result) == 1:
+            value = float(result[0]["value"][1])
+            if value == pytest.approx(expected, rel=rel):
+                break
+        time.sleep(0.25)
+    return value
+
+
+def _by(url: str, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+    return {tuple(item["metric"].get(k, "") for k in labels): float(item["value"][1])
+            for item in prom.query(url, expr)}
+
+
+def test_every_dashboard_query_returns_data(observed: Observed) -> None:
+    variables = {"__rate_interval": RATE_INTERVAL, "__range": "5m"}
+    exprs = prom.dashboard_expressions(variables=variables)
+    assert len(exprs) >= 20
+    empty, vllm = [], []
+    for expr in exprs:
+        result = prom.query(observed.prometheus_url, expr)  # raises ValueError if Prometheus refuses it
+        if "vllm:" in expr:
+            vllm.append((expr, result))  # no vLLM in this test: accepted by Prometheus, and empty
+        elif not result:
+            empty.append(expr)
+    assert empty == []
+    assert vllm and all(result == [] for _expr, result in vllm)
+    # The per-prompt panels, with the Prompt selector on one prompt.
+    one = [e for e in prom.dashboard_expressions(variables={**variables, "prompt": "shell"})
+           if "saved_prompt_tokens" in e]
+    assert one and all(prom.query(observed.prometheus_url, e) for e in one)
+
+
+def test_every_rule_evaluates_and_has_data_or_the_alert_state_expected(observed: Observed) -> None:
+    url = observed.prometheus_url
+    names, exprs = prom.rule_names(), prom.rule_expressions()
+    assert len(names) == len(exprs) >= 10
+    missing, firing = [], set()
+    for name, expr in zip(names, exprs, strict=True):
+        result = prom.query(url, expr)
+        if name.startswith("PromptIntern"):
+            if result:
+                firing.add(name)
+        elif name in EMPTY_WITHOUT_SERVER_ERRORS:
+            assert [float(item["value"][1]) for item in result] in ([], [0.0]), name
+        elif not result or not prom.query(url, name):  # the expression, and the series Prometheus recorded
+            missing.append(name)
+    assert missing == []
+    assert firing == ALERTS_FIRING
+    groups = prom.api_get(url, "/api/v1/rules", {})["groups"]
+    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    assert set(rules) == set(names)
+    assert all(rule["health"] == "ok" for rule in rules.values()), rules
+    assert rules["PromptInternVllmDown"]["state"] == "pending"  # its `for: 5m` has not passed
+    assert rules["PromptInternGatewayDown"]["state"] == "inactive"
+
+
+def test_counters_equal_what_the_responses_said(observed: Observed) -> None:
+    url, price = observed.prometheus_url, observed.server.settings.price_input_per_1k
+    assert observed.requests == Counter(SENT)
+    by_route = _by(url, "sum by (prompt, route) (promptintern_requests_total)", "prompt", "route")
+    assert {k: v for k, v in by_route.items() if v} == dict(SENT)
+    # Every registered prompt's series exist from registration on, at 0 where nothing was sent.
+    assert by_route[("shell", "fallback")] == 0 and by_route[("sql", "adapter")] == 0
+    assert _by(url, "sum by (route, code) (promptintern_request_errors_total)", "route", "code") == {
+        ("none", "404"): len(ERROR_ROUNDS), ("passthrough", "400"): len(ERROR_ROUNDS)}
+    for metric, expected in (("original", observed.original), ("sent", observed.sent), ("saved", observed.saved)):
+        got = _by(url, f"promptintern_{metric}_prompt_tokens_total", "prompt")
+        assert got == {(p,): float(expected[p]) for p in ("shell", "sql", "none")}, metric
+    assert observed.saved["shell"] > 0 and observed.saved["sql"] == observed.saved["none"] == 0
+    cost = _by(url, "promptintern_saved_cost_usd_total", "prompt")
+    assert cost[("shell",)] == pytest.approx(observed.saved["shell"] / 1000 * price, rel=1e-9)
+    assert cost[("sql",)] == cost[("none",)] == 0
+
+
+def test_recording_rules_equal_what_the_responses_said(observed: Observed) -> None:
+    url, price = observed.prometheus_url, observed.server.settings.price_input_per_1k
+    share = observed.saved["shell"] / observed.original["shell"]
+    assert 0 < share < 1
+    got = _settled(url, 'promptintern:saved_prompt_tokens:ratio_rate5m{prompt="shell"}', share)
+    assert got == pytest.approx(share, rel=1e-9)
+    assert _settled(url, 'promptintern:saved_prompt_tokens:ratio_rate5m{prompt="sql"}', 0.0) == 0.0
+    assert _settled(url, 'promptintern:fallback_requests:ratio_rate5m{prompt="sql"}', 1.0) == 1.0
+    # Rates over the same scrapes, from a common zero: their ratios are the ratios of the totals.
+    per_hour = _by(url, "promptintern:saved_cost_usd_per_hour:rate5m", "prompt")[("shell",)]
+    tokens = _by(url, "promptintern:saved_prompt_tokens:rate5m", "prompt")[("shell",)]
+    assert per_hour == pytest.approx(tokens / 1000 * price * 3600, rel=1e-6)
+    rates = _by(url, "promptintern:requests:rate5m", "prompt", "route")
+    assert rates[("shell", "adapter")] / rates[("none", "passthrough")] == pytest.approx(2.0, rel=1e-9)
+    assert rates[("sql", "fallback")] / rates[("none", "passthrough")] == pytest.approx(1.0, rel=1e-9)
+
+
+def _check_png(path: Path) -> Any:
+    assert path.is_file() and path.stat().st_size > 20_000
+    image = pytest.importorskip("PIL.Image")
+    with image.open(path) as img:
+        img.verify()
+    with image.open(path) as img:
+        assert img.format == "PNG" and img.width > 1000 and img.height > 600
+        return img.convert("L").getextrema()
+
+
+def test_render_draws_the_dashboard_from_prometheus(observed: Observed, tmp_path: Path) -> None:
+    window = f"{math.ceil(time.time() - observed.started) + 5}s"
+    out = dashboard.render(observed.prometheus_url, tmp_path / "dashboard.png", window, subtitle="test traffic")
+    low, high = _check_png(out)
+    assert high - low > 100  # not a blank page
+
+
+def test_run_without_prometheus_builds_a_demo_stack(tiny_model_path: Path, tmp_path: Path) -> None:
+    require_prometheus()
+    settings = Settings(torch_threads=2, data_dir=tmp_path / "unused", adapter_dir=tmp_path / "unused-adapters")
+    out = dashboard.run(settings, tmp_path / "demo.png", duration=4, model_path=tiny_model_path)
+    assert out == tmp_path / "demo.png"
+    _check_png(out)
+
+
+def test_legend_and_cumulative_follow_grafana_and_increase() -> None:
+    assert dashboard.legend("p95 {{route}}", {"route": "adapter"}) == "p95 adapter"
+    assert dashboard.legend("__auto", {"prompt": "a"}) == "prompt=a"
+    # A reset (5 -> 1) counts the 1 after it, as Prometheus's increase() does.
+    assert dashboard.cumulative([(0, 2.0), (1, 5.0), (2, 1.0), (3, 4.0)], appeared_late=False) == [0, 3, 4, 7]
+    assert dashboard.cumulative([(0, 2.0), (1, 5.0)], appeared_late=True) == [2, 5]
+    assert [dashboard.dollars(v) for v in (3.06e-5, 0.5, 1234.5, 0)] == ["$0.0000306", "$0.500", "$1,234.50",
+                                                                         "$0.00"]
+    assert set(dashboard.GRAPH_TITLES) | set(dashboard.STAT_TITLES) <= set(dashboard.load_panels())

@@ -1,0 +1,154 @@
+"""Schedule logic: stages, rates and k per stage, presets, validation, hashing; the final stage is the
+gateway's bare query, token for token."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.templates import bare_query_messages, parse_template
+from tests.trainer_fixtures import EXAMPLES, smollm_dir, tiny_messages, tiny_rows, tiny_tokenizer, trainer_tiny_model
+from trainer.dataset import StageBuilder, prompt_text
+from trainer.schedule import ProgressiveSchedule, ScheduleError, Stage, preset, schedule_from_overrides
+
+__all__ = ["smollm_dir", "tiny_tokenizer", "trainer_tiny_model"]
+
+
+def test_promptintern_preset_stages_fall_to_the_bare_query() -> None:
+    stages = preset("promptintern").stages()
+    assert [s.kind for s in stages] == ["compressed", "compressed", "compressed", "bare"]
+    assert [s.keep_ratio for s in stages] == [1.0, 0.6, 0.3, 0.0]
+    assert [s.examples for s in stages] == [4, 2, 1, 0]
+    assert [s.index for s in stages] == [0, 1, 2, 3]
+    assert stages[-1].name.endswith("bare query")
+    assert preset("promptintern").inference == "bare"
+
+
+def test_baselines_are_schedules_of_the_same_code() -> None:
+    total = sum(preset("promptintern").steps_per_stage)
+    direct = preset("direct")
+    assert [s.kind for s in direct.stages()] == ["bare"]
+    assert direct.steps_per_stage == (total,)
+    full = preset("full_prompt")
+    assert [s.kind for s in full.stages()] == ["full_prompt"]
+    assert full.inference == "full_prompt" and full.steps_per_stage == (total,)
+    none = preset("none")
+    assert none.stages() == [] and not none.trains
+
+
+def test_custom_rates_and_examples() -> None:
+    s = preset("promptintern", keep_ratios=[0.8, 0.5], examples_per_stage=[3, 0], steps_per_stage=[5, 6, 7])
+    assert [(st.kind, st.keep_ratio, st.examples, st.steps) for st in s.stages()] == [
+        ("compressed", 0.8, 3, 5), ("compressed", 0.5, 0, 6), ("bare", 0.0, 0, 7),
+    ]
+
+
+def test_epochs_per_stage_give_steps_from_the_data_size() -> None:
+    s = preset("direct", epochs_per_stage=[2.5])
+    (stage,) = s.stages()
+    assert stage.steps is None
+    assert stage.num_steps(train_rows=100, batch_size=8) == 32  # ceil(2.5 * 100 / 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"keep_ratios": [0.3, 0.6], "examples_per_stage": [1, 1], "steps_per_stage": [1, 1, 1]}, "must not increase"),
+        ({"keep_ratios": [1.0, 0.0], "examples_per_stage": [1, 0], "steps_per_stage": [1, 1, 1]}, "(0, 1]"),
+        ({"examples_per_stage": [1, 2, 4]}, "must not increase"),
+        ({"examples_per_stage": [4, 2]}, "one entry per compressed stage"),
+        ({"steps_per_stage": [10, 10]}, "steps_per_stage needs 4 entries"),
+        ({"steps_per_stage": [10, 0, 10, 10]}, ">= 1"),
+        ({"full_prompt": True}, "full_prompt trains on the registered prompt only"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lr_scheduler": "exponential"}, "lr_scheduler"),
+        ({"retrieval": "tfidf"}, "retrieval"),
+        ({"epochs_per_stage": [1.0]}, "epochs_per_stage needs 4 entries"),
+        ({"keep_ratios": "1.0"}, "must be a list"),
+        ({"no_such_field": 1}, "unknown schedule field"),
+    ],
+)
+def test_post_init_rejects_bad_schedules(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScheduleError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        preset("promptintern", **overrides)
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ScheduleError, match="unknown schedule"):
+        preset("lora")
+
+
+def test_every_field_has_a_default_and_help() -> None:
+    for f in fields(ProgressiveSchedule):
+        assert f.metadata.get("help"), f.name
+    ProgressiveSchedule()  # every field defaulted
+
+
+def test_hash_is_stable_ignores_the_label_and_follows_the_fields() -> None:
+    a = preset("promptintern")
+    assert a.digest() == preset("promptintern").digest()
+    assert a.digest() == ProgressiveSchedule.from_dict({"name": "renamed"}).digest()
+    assert a.digest() != preset("promptintern", learning_rate=5e-4).digest()
+    assert preset("direct").digest() != a.digest()
+    assert ProgressiveSchedule.from_dict(a.to_dict()) == a
+
+
+def test_stage_names_say_what_they_feed() -> None:
+    assert Stage(0, "compressed", 0.6, 2, 10, None).name == "stage 1: template 60% + 2 examples"
+    assert Stage(1, "compressed", 0.3, 1, 10, None).name == "stage 2: template 30% + 1 example"
+    assert Stage(0, "full_prompt", 1.0, -1, 10, None).name == "stage 1: full prompt"
+
+
+@pytest.mark.parametrize(
+    "template_kw",
+    [
+        {"messages": tiny_messages()},
+        {"messages": [{"role": "system", "content": "Translate {source} to {target}."},
+                      {"role": "user", "content": "Text: {text}"}]},
+        {"prompt": "Answer briefly.\nQ: {query}\nA:"},
+    ],
+)
+def test_final_stage_is_exactly_the_gateways_bare_query(template_kw: dict[str, Any], tiny_tokenizer: Any) -> None:
+    template = parse_template(**template_kw)
+    rows = [{**{s: f"{s} value {i}" for s in template.slots}, "response": f"answer {i}"} for i in range(3)]
+    builder = StageBuilder(template, [], rows, compressor=None, retrieval="bm25", max_examples=0)
+    bare = preset("direct").stages()[0]
+    encoded = builder.encode_stage(bare, tiny_tokenizer, list(range(len(rows))))
+    for row, enc in zip(rows, encoded, strict=True):
+        values = {s: row[s] for s in template.slots}
+        expected = tiny_tokenizer.apply_chat_template(
+            bare_query_messages(template, values), add_generation_prompt=True, tokenize=False
+        )
+        assert prompt_text(tiny_tokenizer, builder.render(bare, rows.index(row))) == expected
+        expected_ids = tiny_tokenizer(expected, add_special_tokens=False)["input_ids"]
+        assert list(enc.input_ids[: enc.prompt_len]) == expected_ids
+        target = tiny_tokenizer.decode(enc.input_ids[enc.prompt_len :])
+        assert target == row["response"] + tiny_tokenizer.eos_token
+
+
+def test_full_prompt_stage_is_the_registered_prompt(tiny_tokenizer: Any) -> None:
+    template = parse_template(messages=tiny_messages())
+    rows = tiny_rows()[:2]
+    builder = StageBuilder(template, EXAMPLES, rows, compressor=None, retrieval="bm25", max_examples=0)
+    stage = preset("full_prompt").stages()[0]
+    for i, row in enumerate(rows):
+        assert builder.render(stage, i) == template.render({"query": row["query"]})
+
+
+def test_smollm_chat_template_is_what_the_tiny_model_carries(trainer_tiny_model: Path, smollm_dir: Path) -> None:
+    assert (trainer_tiny_model / "tokenizer.json").read_bytes() == (smollm_dir / "tokenizer.json").read_bytes()
+
+
+def test_schedule_from_a_rest_train_object() -> None:
+    assert schedule_from_overrides(None) == preset("promptintern")
+    s = schedule_from_overrides({"preset": "direct", "steps_per_stage": [12], "learning_rate": 3e-4})
+    assert (s.name, s.steps_per_stage, s.learning_rate) == ("direct", (12,), 3e-4)
+    with pytest.raises(ScheduleError, match="unknown schedule field"):
+        schedule_from_overrides({"stepz": 3})
+    with pytest.raises(ScheduleError, match="unknown schedule"):
+        schedule_from_overrides({"preset": "magic"})
