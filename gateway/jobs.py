@@ -187,7 +187,8 @@ class JobRunner:
 
     async def _run(self, job: JobRecord) -> None:
         record = await asyncio.to_thread(self.registry.get, job.prompt)
-        version = await asyncio.to_thread(self.registry.add_version, job.prompt, "training", "train")
+        version = await asyncio.to_thread(self.registry.add_version, job.prompt, "training", "train",
+                                          self.store.highest_version(job.prompt))
         await asyncio.to_thread(self.registry.update_job, job.id, status="running", started_at=utcnow(),
                                 version=version, attempts=job.attempts + 1, progress={"phase": "starting"})
         self.prompts.refresh_gauge()
@@ -197,7 +198,7 @@ class JobRunner:
             "examples": record.examples, "out_dir": str(out_dir), "base_model_dir": str(self.base_model_dir),
             "served_model_name": self.settings.served_model_name, "lora_rank": self.settings.lora_rank,
             "lora_targets": list(self.settings.lora_targets), "threads": self.settings.torch_threads,
-            "cache_dir": str(self.settings.data_dir / "eval-cache"),
+            "cache_dir": str(self.settings.data_dir / "trainer-cache"),
         }
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
@@ -238,7 +239,7 @@ class JobRunner:
         if await asyncio.to_thread(self.registry.get_job, job.id) is None:
             kind = "cancelled"
         if kind == "cancelled":
-            await asyncio.to_thread(self.store.remove_prompt, job.prompt)
+            await asyncio.to_thread(self.store.remove_prompt, job.prompt, [version])  # if it was written anyway
             return
         if kind == "error":
             log.error("training job %d of %s failed: %s", job.id, job.prompt, body)

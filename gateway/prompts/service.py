@@ -256,7 +256,8 @@ class PromptService:
 
     async def _add_adapter_locked(self, name: str, source: Path) -> int:
         record = await asyncio.to_thread(self.registry.get, name)
-        version = await asyncio.to_thread(self.registry.add_version, name, "loading", "upload")
+        version = await asyncio.to_thread(self.registry.add_version, name, "loading", "upload",
+                                          self.store.highest_version(name))
         self.refresh_gauge()
         model_id = adapter_model_id(name, version)
         started = time.monotonic()
@@ -301,9 +302,11 @@ class PromptService:
             await self.jobs.cancel(name)
         for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
             await self.engine.unload_adapter(model_id)
+        versions: list[int] = []
         with contextlib.suppress(NotFound):
-            await asyncio.to_thread(self.registry.delete, name)
-        await asyncio.to_thread(self.store.remove_prompt, name)
+            record = await asyncio.to_thread(self.registry.delete, name)
+            versions = [v.version for v in record.versions]
+        await asyncio.to_thread(self.store.remove_prompt, name, versions)
 
     # -- views ---------------------------------------------------------------------------------
 

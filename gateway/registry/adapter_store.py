@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,10 +30,15 @@ class AdapterStore:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}v{version}-", dir=parent))
 
+    def highest_version(self, prompt: str) -> int:
+        """The largest `v<N>` folder of a prompt (the trainer's CLI writes versions outside the registry)."""
+        numbers = [int(p.name[1:]) for p in (self.root / prompt).glob("v*") if p.name[1:].isdigit()]
+        return max(numbers, default=0)
+
     def publish(self, staging: Path, prompt: str, version: int) -> Path:
         final = self.version_dir(prompt, version)
         if final.exists():
-            shutil.rmtree(final)
+            raise FileExistsError(f"{final} already exists; adapter versions are never overwritten")
         os.replace(staging, final)
         return final
 
@@ -54,8 +60,15 @@ class AdapterStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def remove_prompt(self, prompt: str) -> None:
-        shutil.rmtree(self.root / prompt, ignore_errors=True)
+    def remove_prompt(self, prompt: str, versions: list[int]) -> None:
+        """Remove the registry's versions of a prompt (and staging leftovers); folders written by hand stay."""
+        folder = self.root / prompt
+        for version in versions:
+            shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)
+        for leftover in folder.glob(".*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when nothing else is left in it
 
     def remove_version(self, prompt: str, version: int) -> None:
         shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)

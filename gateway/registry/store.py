@@ -162,11 +162,11 @@ class PromptRegistry:
 
     # -- adapter versions ----------------------------------------------------------------------
 
-    def add_version(self, name: str, status: str, source: str) -> int:
-        """Reserve the next version number of a prompt."""
+    def add_version(self, name: str, status: str, source: str, after: int = 0) -> int:
+        """Reserve the next version number of a prompt, above `after` (folders already on disk)."""
         with self._session() as s:
             row = self._load(s, name)
-            number = max((v.version for v in row.versions), default=0) + 1
+            number = max([after, *(v.version for v in row.versions)]) + 1
             s.add(AdapterVersionRow(prompt_id=row.id, version=number, status=status, source=source,
                                     created_at=utcnow()))
             s.commit()
