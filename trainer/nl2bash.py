@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.packaged import package_dir
 from gateway.templates import PromptTemplate, escape, parse_template
 from trainer.data import Row, write_jsonl
 
@@ -63,10 +63,7 @@ class WorkedExample:
 
 
 def dataset_dir() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the {PACKAGE} package is not installed (pip install {PACKAGE})")
-    return Path(next(iter(spec.submodule_search_locations))) / "assets" / "datasets"
+    return package_dir(PACKAGE, "pip install --no-deps icalfa==0.3.6") / "assets" / "datasets"
 
 
 def load_pairs() -> list[dict[str, Any]]:

