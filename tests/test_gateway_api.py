@@ -333,3 +333,30 @@ def test_metrics_count_routes_and_adapters(tiny_server: LiveServer) -> None:
     assert 'promptintern_requests_total{prompt="none",route="passthrough"}' in text
     assert 'promptintern_request_errors_total{code="404",route="none"}' in text  # unknown model
     assert 'promptintern_request_errors_total{code="400",route="passthrough"}' in text  # context length
+
+
+def test_cli_manages_prompts_on_a_running_gateway(tiny_server: LiveServer, tiny_adapters: dict[str, Path],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    monkeypatch.setenv("PROMPTINTERN_ADMIN_KEY", ADMIN_KEY)
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps({"prompt": "CLI: {q}"}))
+
+    def run(*argv: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prompts", "--url", tiny_server.url, *argv])
+        return int(exit_info.value.code or 0), capsys.readouterr().out
+
+    code, out = run("register", "cli", "--file", str(template), "--adapter", str(tiny_adapters["a"]))
+    assert code == 0 and json.loads(out)["status"] == "ready"
+    code, out = run("list")
+    assert code == 0 and "cli" in [p["name"] for p in json.loads(out)["data"]]
+    code, out = run("add-adapter", "cli", str(tiny_adapters["b"]))
+    assert code == 0 and json.loads(out)["version"] == 2
+    code, out = run("register", "cli", "--file", str(template))
+    assert code == 1 and json.loads(out)["error"]["code"] == "prompt_exists"
+    assert run("delete", "cli")[0] == 0
+    code, out = run("show", "cli")
+    assert code == 1 and json.loads(out)["error"]["code"] == "prompt_not_found"
