@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         512, ge=1, description="Completion length when a request sets no max_tokens."
     )
     torch_threads: int | None = Field(None, ge=1, description="Threads for the embedded engine's torch.")
+    train_threads: int | None = Field(
+        None, ge=1, description="Threads of a training job's process; leave cores to the engine on a shared machine."
+    )
     max_template_chars: int = Field(200_000, ge=1, description="Largest template accepted.")
     max_request_bytes: int = Field(8_000_000, ge=1024, description="Largest request body accepted.")
     warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")

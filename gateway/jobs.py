@@ -197,7 +197,7 @@ class JobRunner:
             **job.spec, "name": job.prompt, "kind": record.kind, "template": record.template,
             "examples": record.examples, "out_dir": str(out_dir), "base_model_dir": str(self.base_model_dir),
             "served_model_name": self.settings.served_model_name, "lora_rank": self.settings.lora_rank,
-            "lora_targets": list(self.settings.lora_targets), "threads": self.settings.torch_threads,
+            "lora_targets": list(self.settings.lora_targets), "threads": self.settings.train_threads,
             "cache_dir": str(self.settings.data_dir / "trainer-cache"),
         }
         context = multiprocessing.get_context("spawn")

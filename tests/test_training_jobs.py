@@ -26,7 +26,7 @@ SCHEDULE = {"steps_per_stage": [2, 1, 1, 2], "batch_size": 4, "retrieval": "bm25
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path: Path, module_tmp: Path) -> Iterator[LiveServer]:
-    with LiveServer(gateway_settings(module_tmp, tiny_model_path, torch_threads=1)) as live:
+    with LiveServer(gateway_settings(module_tmp, tiny_model_path, torch_threads=1, train_threads=1)) as live:
         yield live
 
 

@@ -584,16 +584,23 @@ def _annotate(measurements: list[Measurement], adapters: dict[str, AdapterInfo],
 
 def _settings_doc(settings: Settings, options: PaperOptions, example: Any, n: int, kind: str,
                   compressed: Sequence[CompressedTemplate], prices: Prices) -> dict[str, Any]:
-    command = "promptintern bench paper" + (" --quick" if options.quick else "") + (
-        " --fast-start" if options.fast_start else "") + (" --skip-vllm" if options.skip_vllm else "")
+    flags = [("--quick", options.quick), ("--fast-start", options.fast_start), ("--skip-vllm", options.skip_vllm),
+             (f"--requests {options.rows}", options.rows is not None),
+             (f"--throughput-requests {options.throughput_requests}", options.throughput_requests is not None)]
+    command = " ".join(["promptintern bench paper", *(flag for flag, on in flags if on)])
     if kind == "vllm":
         engine_detail = f"{vllm_version()}, " + (
             "eager mode (--enforce-eager -O0: fast start, slower serving)" if options.eager
             else "compiled (vLLM's default optimisation level)")
     else:
         engine_detail = "transformers + peft in this process, requests served one at a time"
-    mode_detail = (f"--quick: the first {n} of {len(example.test)} test rows" if options.quick
-                   else f"full run: {n} of {len(example.test)} test rows")
+    available = len(example.test)
+    if options.quick:
+        mode_detail = f"--quick: the first {n} of {available} test rows"
+    elif n < available:
+        mode_detail = f"partial run: the first {n} of {available} test rows (--requests {n})"
+    else:
+        mode_detail = f"full run: all {available} test rows"
     return {
         "command": command, "mode_detail": mode_detail, "engine_detail": engine_detail,
         "task": "NL2Bash (icalfa's pairs), the worked-example prompt of trainer/nl2bash.py",

@@ -1,0 +1,219 @@
+"""`promptintern bench paper`'s pure parts on synthetic figures: cost, ratios to row 1, the JSON rows
+(every key, nulls where a figure does not apply), report and README rendering, plots, inputs, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.bench.paper import CompressedTemplate, PaperOptions, build_inputs, input_key
+from gateway.bench.paper_report import (
+    CONDITIONS,
+    FIGURE_KEYS,
+    PAPER_HEADLINE,
+    ROW_IDS,
+    Condition,
+    Measurement,
+    Prices,
+    bootstrap_bleu,
+    paper_document,
+    percentile,
+    project_seconds,
+    ratios,
+    render_readme_section,
+    render_report,
+    table_rows,
+    write_plots,
+)
+from gateway.cli import build_parser
+from gateway.templates import parse_template
+
+PRICES = Prices(input_per_1k=0.00015, output_per_1k=0.0006)
+# Synthetic figures per row: (input tokens, output tokens, median latency s, BLEU, EM %, training s).
+FIGURES: dict[str, tuple[float, float, float, float, float, float | None]] = {
+    "base_full": (800, 20, 4.0, 10.0, 0.0, None),
+    "base_bare": (50, 20, 1.0, 9.0, 0.0, None),
+    "compressed_keep0.5": (420, 20, 2.5, 6.0, 0.0, None),
+    "compressed_keep0.2": (200, 20, 1.8, 4.0, 0.0, None),
+    "full_prompt_ft": (800, 20, 4.4, 30.0, 5.0, 600.0),
+    "direct_ft": (50, 20, 1.1, 25.0, 3.0, 500.0),
+    "promptintern": (50, 20, 1.0, 28.0, 4.0, 1200.0),
+    "promptintern_gateway": (50, 20, 1.05, 28.0, 4.0, 1200.0),
+}
+
+
+def _measurement(condition: Condition) -> Measurement:
+    if condition.id not in FIGURES:  # row 4 on the embedded engine: nothing measured
+        return Measurement(condition=condition, note="the embedded engine has no prefix cache")
+    tokens, out, p50, bleu, em, training = FIGURES[condition.id]
+    return Measurement(
+        condition=condition, n=4, input_tokens=tokens, output_tokens=out, bleu=bleu, exact_match=em,
+        bleu_ci95=(bleu - 2, bleu + 2), latencies_s=[p50 * 0.9, p50, p50, p50 * 1.5], throughput_rps_c8=2 / p50,
+        throughput_requests=8, training_time_s=training, seconds=10.0,
+        original_input_tokens=802.0 if condition.gateway else None,
+        samples=[{"query": "list *.py files", "reference": "ls *.py", "prediction": "ls `pwd`/*.py"}],
+        predictions=["ls *.py"] * 4,
+    )
+
+
+@pytest.fixture
+def rows() -> list[dict[str, Any]]:
+    return table_rows([_measurement(c) for c in CONDITIONS], PRICES)
+
+
+@pytest.fixture
+def doc(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    settings = {"command": "promptintern bench paper --quick", "mode_detail": "--quick: the first 4 of 70 test rows",
+                "engine_detail": "transformers + peft", "test_rows": 4, "test_rows_available": 70,
+                "train_rows": 206, "examples": 24, "base_model": "SmolLM2", "decoding": "greedy",
+                "warmup": 2, "throughput_requests": 8, "prefix_caching": "none",
+                "price_input_per_1k": PRICES.input_per_1k, "price_output_per_1k": PRICES.output_per_1k,
+                "compression": [{"keep_ratio": 0.5, "kept_tokens": 400, "total_tokens": 800}]}
+    return paper_document(engine="embedded", machine={"description": "test CPU, 2 CPU cores", "cores": 2},
+                          date="2026-11-29T06:00:00+00:00", rows=rows, settings=settings,
+                          extra={"adapters": [], "total_seconds": 100.0})
+
+
+def test_cost_per_1k_requests_is_tokens_times_price_per_1k() -> None:
+    # 1,000 requests x (800 / 1,000 x 0.00015 + 20 / 1,000 x 0.0006) = 0.12 + 0.012
+    assert PRICES.per_1k_requests(800, 20) == pytest.approx(0.132)
+    assert Prices(1.0, 0.0).per_1k_requests(50, 999) == pytest.approx(50.0)
+
+
+def test_ratios_against_row_1() -> None:
+    base = {"input_tokens": 800.0, "latency_p50_s": 4.0, "cost_per_1k_requests_usd": 0.132}
+    row = {"input_tokens": 50.0, "latency_p50_s": 1.0, "cost_per_1k_requests_usd": PRICES.per_1k_requests(50, 20)}
+    r = ratios(row, base)
+    assert r["token_reduction"] == pytest.approx(1 - 50 / 800)
+    assert r["speedup"] == pytest.approx(4.0)
+    assert r["cost_saving"] == pytest.approx(1 - 0.0195 / 0.132)
+    assert ratios(base, base) == {"token_reduction": 0.0, "speedup": 1.0, "cost_saving": 0.0}
+    missing = {"input_tokens": None, "latency_p50_s": None, "cost_per_1k_requests_usd": None}
+    assert ratios(missing, base) == {"token_reduction": None, "speedup": None, "cost_saving": None}
+
+
+def test_projection_scales_rows_and_keeps_overhead() -> None:
+    m = _measurement(CONDITIONS[0])  # latencies mean 4.1 s, 2 / 4.0 = 0.5 req/s at c=8, 10 s measured
+    assert project_seconds([m], 100.0, rows=70, warmup=2, throughput_requests=32) == pytest.approx(
+        90.0 + statistics.fmean(m.latencies_s) * 72 + 32 / 0.5)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(i) for i in range(1, 21)]
+    assert percentile(values, 0.95) == 20.0
+    assert percentile(values, 0.5) == 11.0
+    assert percentile([3.0], 0.95) == 3.0
+
+
+def test_rows_have_every_id_and_key_with_nulls_where_not_applicable(rows: list[dict[str, Any]]) -> None:
+    assert [r["id"] for r in rows] == list(ROW_IDS)
+    for r in rows:
+        assert set(FIGURE_KEYS) <= set(r)
+    by_id = {r["id"]: r for r in rows}
+    assert all(by_id["base_full_prefix_cache"][k] is None for k in FIGURE_KEYS)
+    for rid in ("base_full", "base_bare", "compressed_keep0.5", "compressed_keep0.2"):
+        assert by_id[rid]["training_time_s"] is None
+    assert by_id["promptintern"]["training_time_s"] == 1200.0
+    base = by_id["base_full"]
+    assert (base["token_reduction"], base["speedup"], base["cost_saving"]) == (0.0, 1.0, 0.0)
+    pi = by_id["promptintern"]
+    assert pi["token_reduction"] == pytest.approx(0.9375)
+    assert pi["speedup"] == pytest.approx(4.0)
+    assert pi["latency_p95_s"] == pytest.approx(1.5)
+    assert pi["cost_per_1k_requests_usd"] == pytest.approx(0.0195)
+    assert pi["cost_saving"] == pytest.approx(round(1 - 0.0195 / 0.132, 4))
+    assert by_id["promptintern_gateway"]["original_input_tokens"] == 802.0
+    json.dumps(rows, allow_nan=False)  # plain JSON: no NaN, no objects
+
+
+def test_rows_need_the_baseline() -> None:
+    with pytest.raises(ValueError, match="base_full"):
+        table_rows([_measurement(CONDITIONS[1])], PRICES)
+
+
+def test_document_shape_and_headline(doc: dict[str, Any]) -> None:
+    assert {"engine", "machine", "date", "rows"} <= set(doc)
+    assert doc["engine"] == "embedded"
+    assert doc["headline"]["paper"] == PAPER_HEADLINE
+    pi = next(r for r in doc["rows"] if r["id"] == "promptintern")
+    assert doc["headline"]["ours"] == {k: pi[k] for k in PAPER_HEADLINE}
+    parsed = json.loads(json.dumps(doc, allow_nan=False))
+    assert parsed["rows"][4]["latency_p50_s"] is None
+
+
+def test_report_renders_table_findings_and_dashes(doc: dict[str, Any]) -> None:
+    text = render_report(doc)
+    assert "| 1 | Base model, full prompt" in text
+    for condition in CONDITIONS:
+        assert condition.label in text
+    row4 = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    assert row4.count("—") == 11
+    assert "93.8% — at or above the paper's >90%" in text
+    assert "4.00× — below the paper's 4.2×" in text
+    assert "Row 4 (prefix caching) was not measured: the embedded engine has no prefix cache." in text
+    assert "2026-11-29 06:00 UTC" in text
+    assert "`` ls `pwd`/*.py ``" in text  # backticks inside an answer stay inline code
+    assert "None" not in text and "nan" not in text.lower()
+
+
+def test_readme_section_names_date_machine_and_command(doc: dict[str, Any]) -> None:
+    text = render_readme_section(doc, "results/paper/report.md")
+    assert "2026-11-29 06:00 UTC" in text and "test CPU, 2 CPU cores" in text
+    assert "`promptintern bench paper --quick`" in text
+    assert "| 7 | PromptIntern (progressive), bare query |" in text
+
+
+def test_plots_are_written(doc: dict[str, Any], tmp_path: Path) -> None:
+    paths = write_plots(doc, tmp_path)
+    assert [p.name for p in paths] == ["quality_vs_tokens.png", "latency.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bootstrap_interval_contains_the_corpus_score() -> None:
+    from trainer.evaluate import score
+
+    preds = ["ls -l", "find . -name '*.py'", "du -sh", "wc -l a.txt", "pwd", "cat x"]
+    refs = [["ls -la"], ["find . -name '*.py'"], ["du -sh ."], ["wc -l a.txt"], ["pwd"], ["head x"]]
+    low, high = bootstrap_bleu(preds, refs, samples=50)
+    assert low <= score(preds, refs)["bleu"] <= high
+    assert not math.isnan(low)
+
+
+def test_options_quick_and_full() -> None:
+    quick, full = PaperOptions(quick=True), PaperOptions()
+    assert (quick.test_rows(70), quick.throughput, quick.eager) == (8, 8, True)
+    assert (full.test_rows(70), full.throughput, full.eager) == (70, 32, False)
+    assert PaperOptions(rows=500).test_rows(70) == 70
+    assert PaperOptions(fast_start=True).eager
+
+
+def test_inputs_full_bare_and_compressed() -> None:
+    template = parse_template(messages=[
+        {"role": "system", "content": "Translate into bash.\nInput: list files\nOutput: ls"},
+        {"role": "user", "content": "Input: {query}\nOutput:"},
+    ])
+    compressed = [CompressedTemplate(0.5, {0: "Translate bash. list ls"}, 5, 10)]
+    inputs = build_inputs(template, ["show the date"], compressed)
+    assert inputs["full"][0][1] == {"role": "user", "content": "Input: show the date\nOutput:"}
+    assert inputs["bare"][0] == [{"role": "user", "content": "show the date"}]
+    assert inputs["compressed:0.5"][0] == [{"role": "system", "content": "Translate bash. list ls"},
+                                           {"role": "user", "content": "Input: show the date\nOutput:"}]
+    keys = {input_key(c) for c in CONDITIONS}
+    assert keys == {"full", "bare", "compressed:0.5", "compressed:0.2"}
+
+
+def test_cli_parses_paper_and_rebuilds_from_json(doc: dict[str, Any], tmp_path: Path) -> None:
+    args = build_parser().parse_args(["bench", "paper", "--quick", "--out", str(tmp_path), "--price-input-per-1k",
+                                      "0.001"])
+    assert (args.target, args.quick, args.price_input_per_1k) == ("paper", True, 0.001)
+    (tmp_path / "paper.json").write_text(json.dumps(doc))
+    rebuild = build_parser().parse_args(["bench", "paper", "--rebuild", "--out", str(tmp_path)])
+    assert rebuild.func(rebuild) == 0
+    assert {"report.md", "quality_vs_tokens.png", "latency.png", "readme_section.md"} <= {
+        p.name for p in tmp_path.iterdir()}
