@@ -28,7 +28,7 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_inference(request: Request) -> InferenceService:
+async def get_inference(request: Request) -> InferenceService:
     return request.app.state.inference  # type: ignore[no-any-return]
 
 

@@ -22,7 +22,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1/prompts", tags=["Registry"], dependencies=[Depends(require_admin)], responses=ERRORS)
 
 
-def get_prompts(request: Request) -> PromptService:
+async def get_prompts(request: Request) -> PromptService:
     return request.app.state.prompts  # type: ignore[no-any-return]
 
 
