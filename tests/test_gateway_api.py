@@ -360,3 +360,26 @@ def test_cli_manages_prompts_on_a_running_gateway(tiny_server: LiveServer, tiny_
     assert run("delete", "cli")[0] == 0
     code, out = run("show", "cli")
     assert code == 1 and json.loads(out)["error"]["code"] == "prompt_not_found"
+
+
+def test_full_prompt_adapter_is_sent_the_full_prompt(tiny_server: LiveServer, admin: httpx.Client,
+                                                     tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+    """An adapter trained with the prompt kept (the full-prompt baseline) must see the prompt at inference."""
+    import shutil
+
+    folder = tmp_path / "full-prompt-adapter"
+    shutil.copytree(tiny_adapters["a"], folder)
+    (folder / "manifest.json").write_text(json.dumps({"inference": "full_prompt"}))
+    assert admin.post("/v1/prompts", json={"name": "fullft", "messages": TEMPLATE,
+                                           "adapter_path": str(folder)}).status_code == 201
+    try:
+        r = chat(tiny_server, {"messages": full("go")})
+        assert r.headers["x-promptintern-route"] == "adapter"
+        assert r.headers["x-promptintern-saved-tokens"] == "0"
+        usage = r.json()["usage"]
+        assert usage["promptintern"]["saved_prompt_tokens"] == 0
+        direct = chat(tiny_server, {"model": "fullft@v1", "messages": full("go")})
+        assert r.json()["choices"] == direct.json()["choices"]
+        assert usage["prompt_tokens"] == direct.json()["usage"]["prompt_tokens"]
+    finally:
+        admin.delete("/v1/prompts/fullft")

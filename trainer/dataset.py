@@ -45,6 +45,12 @@ def encode(tokenizer: Any, row: int, prompt: str, response: str) -> Encoded:
     return Encoded(row=row, input_ids=tuple(prompt_ids + target_ids), prompt_len=len(prompt_ids))
 
 
+def encode_prompt(tokenizer: Any, row: int, rendered: Rendered) -> Encoded:
+    """A prompt alone (no target), to check its length."""
+    ids = tokenizer(prompt_text(tokenizer, rendered), add_special_tokens=False)["input_ids"]
+    return Encoded(row=row, input_ids=tuple(ids), prompt_len=len(ids))
+
+
 class StageBuilder:
     """Builds stage inputs for the training rows from one template, its examples and the pool."""
 

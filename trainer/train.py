@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import random
 import shutil
 import tempfile
 import time
@@ -25,8 +24,17 @@ import torch
 
 from gateway.templates import PromptTemplate
 from trainer import cache as store
-from trainer.data import REFERENCES, RESPONSE, Row, TrainDataError, rows_digest, split_indices, validate_examples
-from trainer.dataset import Encoded, StageBuilder, check_lengths, prompt_text
+from trainer.data import (
+    REFERENCES,
+    RESPONSE,
+    Row,
+    TrainDataError,
+    rows_digest,
+    slot_values,
+    split_indices,
+    validate_examples,
+)
+from trainer.dataset import Encoded, StageBuilder, check_lengths, encode_prompt, prompt_text
 from trainer.evaluate import EvalOptions, condition_name, format_table, manifest_view, run_condition, subset_figures
 from trainer.loop import train_stages
 from trainer.prompting import PromptLayout
@@ -161,7 +169,6 @@ def train_prompt(job: TrainJob, progress: Callable[[TrainProgress], None] | None
     started = time.monotonic()
     if job.threads:
         torch.set_num_threads(job.threads)
-    random.seed(schedule.seed)
     torch.manual_seed(schedule.seed)
 
     examples = validate_examples(job.template, job.examples)
@@ -186,12 +193,10 @@ def train_prompt(job: TrainJob, progress: Callable[[TrainProgress], None] | None
     encoded: dict[str, list[Encoded]] = {s.name: builder.encode_stage(s, tokenizer, train_ids) for s in stages}
     check_lengths(encoded, limit, "schedule.max_length or the model's context")
     if test and job.evaluation.enabled:
-        needed = job.evaluation.max_new_tokens
-        full = {"held-out full prompt": [
-            Encoded(row=i, input_ids=tuple(tokenizer(prompt_text(tokenizer, builder.layout.full_prompt(
-                {s: r[s] for s in job.template.slots})), add_special_tokens=False)["input_ids"]), prompt_len=0)
-            for i, r in enumerate(test)]}
-        check_lengths(full, context - needed, "the model's context minus evaluation.max_new_tokens; test rows")
+        full = [encode_prompt(tokenizer, i, builder.layout.full_prompt(slot_values(job.template, r)))
+                for i, r in enumerate(test)]
+        check_lengths({"held-out full prompt": full}, context - job.evaluation.max_new_tokens,
+                      "the model's context minus evaluation.max_new_tokens; test rows")
     data = data_hash(job, train, test)
 
     from peft import LoraConfig, get_peft_model
@@ -295,7 +300,7 @@ def evaluate_job(
     With `adapter_key` None the model is the bare base model and only base conditions run.
     """
     opts = job.evaluation
-    values = [{s: r[s] for s in job.template.slots} for r in test]
+    values = [slot_values(job.template, r) for r in test]
     refs = [[r[RESPONSE], *r.get(REFERENCES, [])] for r in test]
     n_full = len(test) if opts.full_prompt_limit is None else min(len(test), opts.full_prompt_limit)
     inputs = {

@@ -199,6 +199,9 @@ class InferenceService:
         original = self.counter.original_tokens(entry.static_tokens, match.values)
         if entry.adapter is None:
             return Plan(endpoint, model, "fallback", entry.name, request, original_tokens=original)
+        if not entry.bare:  # trained with the prompt kept: the adapter gets the request as sent
+            return Plan(endpoint, model, "adapter", entry.name, replace(request, adapter=entry.adapter),
+                        fallback=request)
         bare = bare_query_messages(entry.template, match.values)
         adapter_request = replace(request, kind="chat", messages=bare, prompt=None, adapter=entry.adapter)
         return Plan(endpoint, model, "adapter", entry.name, adapter_request, fallback=request,

@@ -18,7 +18,7 @@ from gateway.jobs import JobRunner, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
-from gateway.registry.adapter_store import AdapterStore
+from gateway.registry.adapter_store import AdapterStore, read_manifest
 from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, check_prompt_name
 from gateway.templates import PromptTemplate, TemplateError, parse_template
 from gateway.tokens import TokenCounter
@@ -34,6 +34,12 @@ class RoutablePrompt:
     template: PromptTemplate
     static_tokens: int
     adapter: str | None  # the engine's adapter name (`<prompt>@v<N>`) once a version is ready
+    bare: bool = True  # False for adapters trained on the full prompt (kept at inference)
+
+
+def takes_bare_query(manifest: dict[str, Any] | None) -> bool:
+    """Adapters trained with the prompt kept (the full-prompt baseline) must be sent the full prompt."""
+    return (manifest or {}).get("inference") != "full_prompt"
 
 
 def adapter_model_id(name: str, version: int) -> str:
@@ -149,20 +155,20 @@ class PromptService:
             except EngineUnavailable as exc:
                 # The engine remembers the adapter and loads it when it is back; until then: fallback.
                 log.warning("engine unavailable (%s); %s will be loaded when it is back", exc.message, model_id)
-                self._set_adapter(name, model_id)
+                self._set_adapter(name, model_id, takes_bare_query(version.manifest))
                 return
             except APIError as exc:
                 log.error("adapter %s no longer loads: %s", model_id, exc.message)
                 await asyncio.to_thread(self.registry.update_version, name, version.version, status="failed",
                                         error=f"failed to load at start-up: {exc.message}")
                 continue
-            self._set_adapter(name, model_id)
+            self._set_adapter(name, model_id, takes_bare_query(version.manifest))
             return
 
-    def _set_adapter(self, name: str, model_id: str | None) -> None:
+    def _set_adapter(self, name: str, model_id: str | None, bare: bool = True) -> None:
         entry = self._routes.get(name)
         if entry is not None:
-            self._publish(RoutablePrompt(entry.name, entry.template, entry.static_tokens, model_id), name)
+            self._publish(RoutablePrompt(entry.name, entry.template, entry.static_tokens, model_id, bare), name)
 
     async def _load_and_warm(self, model_id: str, path: Path) -> None:
         await self.engine.load_adapter(model_id, path)
@@ -233,7 +239,7 @@ class PromptService:
             async with self._lock:
                 await self._load_and_warm(model_id, path)
                 await asyncio.to_thread(self.registry.update_version, name, version, status="ready")
-                await self._replace_active(name, model_id)
+                await self._replace_active(name, model_id, takes_bare_query(manifest))
         except NotFound:
             return False  # deleted meanwhile
         except APIError as exc:
@@ -264,6 +270,7 @@ class PromptService:
         manifest: dict[str, Any] = {
             "prompt": name, "version": version, "source": "upload", "uploaded_from": str(source),
             "prompt_hash": template_from_record(record).digest(), "base_model": self.settings.served_model_name,
+            "inference": (read_manifest(source) or {}).get("inference", "bare"),
         }
         try:
             path = await asyncio.to_thread(self.store.import_adapter, source, name, version,
@@ -279,14 +286,14 @@ class PromptService:
         manifest["load_seconds"] = round(time.monotonic() - started, 3)
         await asyncio.to_thread(self.registry.update_version, name, version, status="ready", path=str(path),
                                 manifest=manifest)
-        await self._replace_active(name, model_id)
+        await self._replace_active(name, model_id, takes_bare_query(manifest))
         return version
 
-    async def _replace_active(self, name: str, model_id: str) -> None:
+    async def _replace_active(self, name: str, model_id: str, bare: bool) -> None:
         """Route to the new version first, then unload the old one: no window without an adapter."""
         entry = self._routes.get(name)
         previous = entry.adapter if entry else None
-        self._set_adapter(name, model_id)
+        self._set_adapter(name, model_id, bare)
         if previous and previous != model_id:
             await self.engine.unload_adapter(previous)
 
