@@ -154,7 +154,7 @@ def test_report_renders_table_findings_and_dashes(doc: dict[str, Any]) -> None:
     row4 = next(line for line in text.splitlines() if line.startswith("| 4 |"))
     assert row4.count("—") == 11
     assert "93.8% — at or above the paper's >90%" in text
-    assert "4.00× — below the paper's 4.2×" in text
+    assert "4.00× (4.00× faster) — below the paper's 4.2×" in text
     assert "Row 4 (prefix caching) was not measured: the embedded engine has no prefix cache." in text
     assert "2026-11-29 06:00 UTC" in text
     assert "`` ls `pwd`/*.py ``" in text  # backticks inside an answer stay inline code
@@ -217,3 +217,26 @@ def test_cli_parses_paper_and_rebuilds_from_json(doc: dict[str, Any], tmp_path: 
     assert rebuild.func(rebuild) == 0
     assert {"report.md", "quality_vs_tokens.png", "latency.png", "readme_section.md"} <= {
         p.name for p in tmp_path.iterdir()}
+
+
+def test_rebuild_adds_the_trainers_own_evaluation_when_the_key_matches(doc: dict[str, Any], tmp_path: Path) -> None:
+    from gateway.bench.paper import rebuild_report
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    manifest = {"cache_key": "k" * 64, "evaluation": {
+        "decoding": "greedy, max_new_tokens=64", "rows": 70,
+        "conditions": {"adapter+bare": {"n": 70, "bleu": 29.04, "exact_match": 4.29, "input_tokens": 48,
+                                        "latency_s": 1.49, "predictions_hidden": True}}}}
+    (adapter / "manifest.json").write_text(json.dumps(manifest))
+    doc["adapters"] = [{"schedule": "promptintern", "path": str(adapter), "source": "trainer cache",
+                        "cache_key": "k" * 64, "training_seconds": 1200.0, "created": "2026-11-29"},
+                       {"schedule": "direct", "path": str(adapter), "source": "trainer cache",
+                        "cache_key": "other", "training_seconds": 800.0, "created": "2026-11-29"}]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "paper.json").write_text(json.dumps(doc))
+    rebuild_report(out)
+    report = (out / "report.md").read_text()
+    assert "adapter+bare BLEU 29.0, EM 4.3%, 1.49 s" in report
+    assert report.count("The trainer's own evaluation") == 1  # the stale key gets nothing

@@ -126,10 +126,12 @@ class AdapterInfo:
     cache_key: str
     training_seconds: float | None
     created: str | None
+    evaluation: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule, "path": str(self.path), "source": self.source,
-                "cache_key": self.cache_key, "training_seconds": self.training_seconds, "created": self.created}
+                "cache_key": self.cache_key, "training_seconds": self.training_seconds, "created": self.created,
+                "evaluation": self.evaluation}
 
 
 def _train_job(settings: Settings, example: Any, schedule: Any, out_dir: Path) -> Any:
@@ -155,7 +157,18 @@ def _adapter_info(schedule: str, path: Path, source: str, key: str) -> AdapterIn
     manifest = read_manifest(path) or {}
     seconds = manifest.get("training_seconds")
     return AdapterInfo(schedule, path, source, key, float(seconds) if seconds is not None else None,
-                       manifest.get("created"))
+                       manifest.get("created"), manifest_evaluation(manifest))
+
+
+def manifest_evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's own held-out figures from a manifest (its decoding, its rows), for comparison."""
+    evaluation = manifest.get("evaluation")
+    if not isinstance(evaluation, dict):
+        return None
+    keep = ("n", "bleu", "exact_match", "input_tokens", "latency_s")
+    return {"decoding": evaluation.get("decoding"), "rows": evaluation.get("rows"),
+            "conditions": {name: {k: c.get(k) for k in keep}
+                           for name, c in (evaluation.get("conditions") or {}).items()}}
 
 
 def resolve_adapter(settings: Settings, example: Any, schedule: str, quick: bool, progress: Progress) -> AdapterInfo:
@@ -492,7 +505,8 @@ def run(settings: Settings, options: PaperOptions) -> Path:
     n = options.test_rows(len(example.test))
     test = example.test[:n]
     model_dir = base_model_dir(settings)
-    progress.say(f"{'quick' if options.quick else 'full'} run: {n} of {len(example.test)} test rows, "
+    mode = "quick" if options.quick else "full" if n == len(example.test) else "partial"
+    progress.say(f"{mode} run: {n} of {len(example.test)} test rows, "
                  f"{options.throughput} requests at concurrency {CONCURRENCY} per row, engine {kind} ({why})"
                  + (", vLLM eager (fast start)" if kind == "vllm" and options.eager else ""))
 
@@ -526,7 +540,7 @@ def run(settings: Settings, options: PaperOptions) -> Path:
     doc = paper_document(
         engine=kind, machine=machine_info(), date=started_at.isoformat(timespec="seconds"), rows=rows,
         settings=_settings_doc(settings, options, example, n, kind, compressed, prices),
-        extra={"mode": "quick" if options.quick else "full", "adapters": [a.as_dict() for a in adapters.values()],
+        extra={"mode": mode, "adapters": [a.as_dict() for a in adapters.values()],
                "total_seconds": round(total, 1),
                "projected_full_run_seconds": round(projected) if options.quick else None},
     )
@@ -663,7 +677,14 @@ def _write(doc: dict[str, Any], out: Path) -> None:
 
 
 def rebuild_report(out: Path) -> None:
-    """Re-render report.md, the plots and readme_section.md from an existing paper.json."""
+    """Re-render report.md, the plots and readme_section.md from an existing paper.json; an adapter entry
+    without the trainer's own evaluation gets it from its manifest when the cache key still matches."""
+    from trainer.cache import read_manifest
+
     doc = json.loads((out / "paper.json").read_text())
+    for adapter in doc.get("adapters", []):
+        manifest = read_manifest(Path(adapter["path"])) or {}
+        if adapter.get("evaluation") is None and manifest.get("cache_key") == adapter.get("cache_key"):
+            adapter["evaluation"] = manifest_evaluation(manifest)
     _write(doc, out)
 

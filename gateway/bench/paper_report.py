@@ -254,11 +254,18 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _speed(value: float | None) -> str:
+    """A latency ratio in words: '2.10× faster' or '1.90× slower'."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}× faster" if value >= 1 else f"{1 / value:.2f}× slower"
+
+
 def _compare(ours: float | None, key: str) -> str:
-    shown = _times(ours) if key == "speedup" else _pct(ours)
     target = PAPER_SHOWN[key]
     if ours is None:
         return f"not measured (paper: {target})"
+    shown = f"{_times(ours)} ({_speed(ours)})" if key == "speedup" else _pct(ours)
     verdict = "at or above" if ours >= PAPER_HEADLINE[key] else "below"
     return f"{shown} — {verdict} the paper's {target}"
 
@@ -273,20 +280,10 @@ def findings(doc: dict[str, Any]) -> list[str]:
         out.append(
             f"PromptIntern (row 7) against the full prompt (row 1): input tokens "
             f"{_compare(head['ours']['token_reduction'], 'token_reduction')}; "
-            f"median latency {_compare(head['ours']['speedup'], 'speedup')}; "
+            f"median-latency speed-up {_compare(head['ours']['speedup'], 'speedup')}; "
             f"cost {_compare(head['ours']['cost_saving'], 'cost_saving')}.")
-    out += _prefill_share(by_id)
-    for other, name in (("direct_ft", "direct fine-tuning (row 6)"), ("full_prompt_ft", "full-prompt fine-tuning "
-                                                                                       "(row 5)"),
-                        (BASELINE, "the base model with the full prompt (row 1)")):
-        o = by_id.get(other)
-        if pi and o and pi["bleu"] is not None and o["bleu"] is not None:
-            overlap = _overlap(pi.get("bleu_ci95"), o.get("bleu_ci95"))
-            out.append(
-                f"Quality, PromptIntern vs {name}: BLEU {pi['bleu']:.1f} vs {o['bleu']:.1f}, exact match "
-                f"{pi['exact_match']:.1f}% vs {o['exact_match']:.1f}% on {pi['n']} test rows"
-                + (" (their 95% bootstrap intervals overlap: the difference is within what the choice of test "
-                   "rows moves)" if overlap else " (their 95% bootstrap intervals do not overlap)") + ".")
+    out += _where_time_goes(by_id)
+    out += _quality(by_id)
     gw = by_id.get("promptintern_gateway")
     if pi and gw and gw["latency_p50_s"] is not None and pi["latency_p50_s"] is not None:
         out.append(
@@ -297,10 +294,11 @@ def findings(doc: dict[str, Any]) -> list[str]:
     apc = by_id.get("base_full_prefix_cache")
     if apc and apc["latency_p50_s"] is not None and pi and pi["latency_p50_s"] is not None:
         out.append(
-            f"Prefix caching (row 4) makes the full prompt {_times(apc['speedup'])} faster than row 1 without "
-            f"removing a token; PromptIntern's median latency is {apc['latency_p50_s'] / pi['latency_p50_s']:.2f}× "
-            f"lower than that, and its billed input {_pct(_reduction(pi['input_tokens'], apc['input_tokens']))} "
-            f"smaller (an API bills cached tokens at a discount at best).")
+            f"Prefix caching (row 4) makes the full prompt {_speed(apc['speedup'])} than row 1 without removing a "
+            f"token ({apc['latency_p50_s']:.2f} s median); PromptIntern is "
+            f"{_speed(apc['latency_p50_s'] / pi['latency_p50_s'])} than that ({pi['latency_p50_s']:.2f} s), and its "
+            f"billed input is {_pct(_reduction(pi['input_tokens'], apc['input_tokens']))} smaller (an API bills "
+            "cached tokens at a discount at best; this table bills them in full).")
     elif apc:
         out.append(f"Row 4 (prefix caching) was not measured: {apc.get('note') or 'no vLLM'}.")
     for rid in ("compressed_keep0.5", "compressed_keep0.2"):
@@ -309,37 +307,62 @@ def findings(doc: dict[str, Any]) -> list[str]:
             out.append(
                 f"Prompt compression at keep_ratio {c['keep_ratio']} (row {c['row']}): "
                 f"{_pct(c['token_reduction'])} fewer tokens, BLEU {c['bleu']:.1f} (row 1: {base['bleu']:.1f}), "
-                f"{_times(c['speedup'])} speed-up.")
+                f"{_speed(c['speedup'])} than row 1.")
     return out
 
 
-def _prefill_share(by_id: dict[str, dict[str, Any]]) -> list[str]:
-    """What a prompt token costs here, from rows 1 and 2 (same weights, only the prompt differs)."""
-    full, bare = by_id.get(BASELINE), by_id.get("base_bare")
-    keys = ("input_tokens", "latency_p50_s", "output_tokens")
-    if not full or not bare or any(full.get(k) is None or bare.get(k) is None for k in keys):
-        return []
-    extra = full["input_tokens"] - bare["input_tokens"]
-    added = full["latency_p50_s"] - bare["latency_p50_s"]
-    if extra <= 0 or added <= 0:
-        return []
-    per_token = added / extra
-    own_prompt = per_token * bare["input_tokens"]
-    out = [
-        f"Rows 1 and 2 show where the time goes: the {extra:.0f} prompt tokens a bare query drops add "
-        f"{added:.2f} s to the median request ({1000 * per_token:.1f} ms per prompt token), while the bare query "
-        f"itself takes {bare['latency_p50_s']:.2f} s, of which its own {bare['input_tokens']:.0f} prompt tokens "
-        f"account for about {own_prompt:.2f} s at that rate; the rest is decoding its answer "
-        f"({bare['output_tokens']:.1f} tokens on average; row 1: {full['output_tokens']:.1f}). That balance, not the "
-        "token count alone, bounds the speed-up."
-    ]
+def _quality(by_id: dict[str, dict[str, Any]]) -> list[str]:
     pi = by_id.get("promptintern")
-    if pi and pi.get("output_tokens") is not None and pi["output_tokens"] > full["output_tokens"]:
+    out = []
+    for other, name in (("direct_ft", "direct fine-tuning (row 6)"),
+                        ("full_prompt_ft", "full-prompt fine-tuning (row 5)"),
+                        (BASELINE, "the base model with the full prompt (row 1)")):
+        o = by_id.get(other)
+        if pi and o and pi["bleu"] is not None and o["bleu"] is not None:
+            overlap = _overlap(pi.get("bleu_ci95"), o.get("bleu_ci95"))
+            out.append(
+                f"Quality, PromptIntern vs {name}: BLEU {pi['bleu']:.1f} vs {o['bleu']:.1f}, exact match "
+                f"{pi['exact_match']:.1f}% vs {o['exact_match']:.1f}% on {pi['n']} test rows"
+                + (" (their 95% bootstrap intervals overlap: the difference is within what the choice of test "
+                   "rows moves)" if overlap else " (their 95% bootstrap intervals do not overlap)") + ".")
+    return out
+
+
+def _have(row: dict[str, Any] | None, *keys: str) -> bool:
+    return row is not None and all(row.get(k) is not None for k in keys)
+
+
+def _where_time_goes(by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """Prompt tokens against answer tokens and adapter overhead, from rows that differ in one thing."""
+    full, bare, pi, ft = (by_id.get(k) for k in (BASELINE, "base_bare", "promptintern", "full_prompt_ft"))
+    keys = ("input_tokens", "latency_p50_s", "output_tokens")
+    out = []
+    if _have(full, *keys) and _have(bare, *keys):
+        assert full is not None and bare is not None
+        extra = full["input_tokens"] - bare["input_tokens"]
+        added = full["latency_p50_s"] - bare["latency_p50_s"]
+        answers = (f"{bare['output_tokens']:.1f} answer tokens on average bare, {full['output_tokens']:.1f} with "
+                   "the full prompt")
+        if extra > 0 and added > 0:
+            out.append(
+                f"Rows 1 and 2 (same weights, only the prompt differs): the {extra:.0f} prompt tokens a bare query "
+                f"drops add {added:.2f} s to the median request ({1000 * added / extra:.1f} ms per prompt token), "
+                f"while the bare query itself takes {bare['latency_p50_s']:.2f} s, mostly decoding ({answers}). "
+                "That balance, not the token count alone, bounds the speed-up.")
+        elif extra > 0:
+            out.append(
+                f"Rows 1 and 2 (same weights, only the prompt differs): dropping {extra:.0f} prompt tokens did not "
+                f"lower the median latency here ({full['latency_p50_s']:.2f} s full, {bare['latency_p50_s']:.2f} s "
+                f"bare): on this engine prefilling the prompt costs less than decoding the answer, and the bare "
+                f"base model writes longer answers ({answers}).")
+    if _have(full, *keys) and _have(pi, *keys) and pi["output_tokens"] > full["output_tokens"]:  # type: ignore[index]
+        assert full is not None and pi is not None
         out.append(
             f"PromptIntern's answers are longer than row 1's ({pi['output_tokens']:.1f} against "
-            f"{full['output_tokens']:.1f} tokens on average), and every extra answer token is decoded one at a "
-            "time, which lowers its speed-up and its cost saving.")
-    if pi and pi.get("latency_p50_s") and pi.get("output_tokens") and bare["output_tokens"]:
+            f"{full['output_tokens']:.1f} tokens on average), and every answer token is decoded one at a time, "
+            "which lowers its speed-up and its cost saving.")
+    if _have(bare, *keys) and _have(pi, *keys) and bare["output_tokens"] and pi["output_tokens"]:  # type: ignore[index]
+        assert bare is not None and pi is not None
         ours = 1000 * pi["latency_p50_s"] / pi["output_tokens"]
         plain = 1000 * bare["latency_p50_s"] / bare["output_tokens"]
         out.append(
@@ -347,6 +370,12 @@ def _prefill_share(by_id: dict[str, dict[str, Any]]) -> list[str]:
             f"{ours:.0f} ms with the PromptIntern adapter (median latency over mean answer length)"
             + (": the extra cost of serving a LoRA adapter on this engine." if ours > plain
                else ": the adapter adds no per-token cost visible here."))
+    if _have(full, *keys) and _have(ft, *keys):
+        assert full is not None and ft is not None
+        out.append(
+            f"Rows 1 and 5 get the same full prompt: {full['latency_p50_s']:.2f} s median on the base model, "
+            f"{ft['latency_p50_s']:.2f} s through the full-prompt adapter ({ft['output_tokens']:.1f} vs "
+            f"{full['output_tokens']:.1f} answer tokens): an adapter that keeps the long prompt pays for both.")
     return out
 
 
@@ -361,9 +390,10 @@ def _overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
 
 CAVEATS = """\
 - **Scale.** The paper fine-tunes multi-billion-parameter models on GPUs and reports on large test
-  sets. Here a 135M-parameter model serves on 2 CPU cores; absolute quality is low for every row
-  (a model this small barely learns in context, so few-shot examples add little), and the test set
-  is small, so BLEU differences of a few points are noise (see the bootstrap intervals).
+  sets. Here a 135M-parameter model serves on 2 CPU cores; absolute quality is low for every row,
+  and the test slice is small, so BLEU differences of a few points are noise (see the bootstrap
+  intervals in `paper.json`, and the trainer's own evaluation of each adapter on all test rows
+  under Adapters).
 - **Speed.** Removing the prompt saves its prefill, but the answer still has to be decoded token
   by token, so the speed-up is bounded by the prompt's share of a request's time. That share
   depends on the prompt's length against the answer's and on the hardware (prefill is parallel
@@ -456,8 +486,17 @@ def _settings_lines(doc: dict[str, Any]) -> list[str]:
 def _adapter_lines(doc: dict[str, Any]) -> list[str]:
     out = []
     for a in doc.get("adapters", []):
-        out.append(f"{a['schedule']}: `{a['path']}` ({a['source']}; cache key {a['cache_key'][:12]}…; "
-                   f"training {_duration(a.get('training_seconds'))}; created {a.get('created')})")
+        line = (f"{a['schedule']}: `{a['path']}` ({a['source']}; cache key {a['cache_key'][:12]}…; "
+                f"training {_duration(a.get('training_seconds'))}; created {a.get('created')})")
+        evaluation = a.get("evaluation")
+        if evaluation:
+            figures = "; ".join(
+                f"{name} BLEU {_fmt(c.get('bleu'), '.1f')}, EM {_fmt(c.get('exact_match'), '.1f')}%, "
+                f"{_fmt(c.get('latency_s'), '.2f')} s"
+                for name, c in evaluation.get("conditions", {}).items() if name.startswith("adapter"))
+            line += (f". The trainer's own evaluation in its manifest ({evaluation.get('rows')} test rows, HF "
+                     f"transformers, {evaluation.get('decoding')}, no stop at newline): {figures}")
+        out.append(line)
     return out or ["none"]
 
 
