@@ -340,21 +340,15 @@ def _where_time_goes(by_id: dict[str, dict[str, Any]]) -> list[str]:
     if _have(full, *keys) and _have(bare, *keys):
         assert full is not None and bare is not None
         extra = full["input_tokens"] - bare["input_tokens"]
-        added = full["latency_p50_s"] - bare["latency_p50_s"]
-        answers = (f"{bare['output_tokens']:.1f} answer tokens on average bare, {full['output_tokens']:.1f} with "
-                   "the full prompt")
-        if extra > 0 and added > 0:
-            out.append(
-                f"Rows 1 and 2 (same weights, only the prompt differs): the {extra:.0f} prompt tokens a bare query "
-                f"drops add {added:.2f} s to the median request ({1000 * added / extra:.1f} ms per prompt token), "
-                f"while the bare query itself takes {bare['latency_p50_s']:.2f} s, mostly decoding ({answers}). "
-                "That balance, not the token count alone, bounds the speed-up.")
-        elif extra > 0:
-            out.append(
-                f"Rows 1 and 2 (same weights, only the prompt differs): dropping {extra:.0f} prompt tokens did not "
-                f"lower the median latency here ({full['latency_p50_s']:.2f} s full, {bare['latency_p50_s']:.2f} s "
-                f"bare): on this engine prefilling the prompt costs less than decoding the answer, and the bare "
-                f"base model writes longer answers ({answers}).")
+        cheap = full["latency_p50_s"] < 1.5 * bare["latency_p50_s"]
+        out.append(
+            f"Rows 1 and 2 (same weights, only the prompt differs): {full['latency_p50_s']:.2f} s median with the "
+            f"{full['input_tokens']:.0f}-token prompt and {full['output_tokens']:.1f} answer tokens on average, "
+            f"{bare['latency_p50_s']:.2f} s with the {bare['input_tokens']:.0f}-token bare query and "
+            f"{bare['output_tokens']:.1f} answer tokens: "
+            + (f"on this engine prefilling the {extra:.0f} extra prompt tokens costs little next to decoding the "
+               "answer, so removing them cannot buy much speed here." if cheap else
+               f"the {extra:.0f} extra prompt tokens are a large share of a request's time here."))
     if _have(full, *keys) and _have(pi, *keys) and pi["output_tokens"] > full["output_tokens"]:  # type: ignore[index]
         assert full is not None and pi is not None
         out.append(
