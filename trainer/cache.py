@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.registry.adapter_store import read_manifest
+
 VERSION_DIR = re.compile(r"v(\d+)")
 MANIFEST = "manifest.json"
 
@@ -48,14 +50,6 @@ def version_dirs(prompt_dir: Path) -> list[tuple[int, Path]]:
 def next_version_dir(prompt_dir: Path) -> Path:
     versions = version_dirs(prompt_dir)
     return prompt_dir / f"v{(versions[-1][0] + 1) if versions else 1}"
-
-
-def read_manifest(adapter_dir: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads((adapter_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def find_cached_adapter(prompt_dir: Path, cache_key: str) -> Path | None:
