@@ -122,6 +122,21 @@ def test_oversized_body_is_413(tiny_server: LiveServer) -> None:
     assert_error(chat(tiny_server, {"messages": [{"role": "user", "content": huge}]}), 413, "request_too_large")
 
 
+def test_oversized_chunked_body_is_413_and_small_chunked_body_is_served(tiny_server: LiveServer) -> None:
+    """Without a Content-Length (chunked transfer encoding) the limit still holds."""
+    def chunked(body: dict[str, Any]) -> httpx.Response:
+        data = json.dumps({"model": BASE, "max_tokens": 2, "temperature": 0, **body}).encode()
+        parts = (data[i:i + 4096] for i in range(0, len(data), 4096))
+        return httpx.post(f"{tiny_server.url}/v1/chat/completions", content=parts, timeout=120,
+                          headers={"content-type": "application/json"})
+
+    huge = "x" * (tiny_server.settings.max_request_bytes + 10)
+    assert_error(chunked({"messages": [{"role": "user", "content": huge}]}), 413, "request_too_large")
+    ok = chunked({"messages": [{"role": "user", "content": "list files"}]})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_tools_pass_through_and_the_embedded_engine_refuses_them(tiny_server: LiveServer) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     error = assert_error(chat(tiny_server, {"messages": full("list files"), "tools": tools}), 400,
