@@ -127,6 +127,27 @@ def test_unmatched_request_goes_to_the_base_model(gateway: LiveServer, vllm: VLL
     assert through.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
 
 
+def test_logprobs_are_relayed_on_chat_and_completions(gateway: LiveServer, vllm: VLLMProcess) -> None:
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    direct = httpx.post(f"{vllm.url}/v1/chat/completions", json=chat, timeout=120).json()["choices"][0]
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    choice = client.chat.completions.create(**chat).choices[0]  # type: ignore[call-overload]
+    assert choice.logprobs and choice.logprobs.content
+    tokens = [t.token for t in choice.logprobs.content]
+    assert tokens == [t["token"] for t in direct["logprobs"]["content"]]
+    assert "".join(tokens) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    streamed = [t.token for chunk in client.chat.completions.create(**chat, stream=True)  # type: ignore[call-overload]
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content or []]
+    assert streamed == tokens
+    completion = client.completions.create(model=BASE, prompt="The capital of France is", max_tokens=4,
+                                           temperature=0, logprobs=1)
+    lp = completion.choices[0].logprobs
+    assert lp and lp.tokens and len(lp.tokens) == len(lp.token_logprobs or []) == completion.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(lp.tokens) == completion.choices[0].text
+
+
 def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, adapters: dict[str, Path],
                                                     embedded_answers: dict[tuple[str, str], str]) -> None:
     other = [{"role": "system", "content": "Write the bash command.\nQ: show files\nA: ls"},

@@ -77,6 +77,16 @@ class EngineRequest:
 class TextDelta:
     index: int
     text: str
+    # The engine's log probabilities for this text, in OpenAI's shape for the endpoint (None: not asked for).
+    logprobs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Streamed tool-call pieces of one choice, in OpenAI's `delta.tool_calls` shape (chat only)."""
+
+    index: int
+    tool_calls: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ class Usage:
     completion_tokens: int
 
 
-EngineEvent = TextDelta | Finished | Usage
+EngineEvent = TextDelta | ToolCallDelta | Finished | Usage
 
 
 class Engine(Protocol):

@@ -28,6 +28,7 @@ from gateway.engines.base import (
     EngineUnavailable,
     Finished,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from gateway.engines.embedded import read_adapter_config
@@ -277,9 +278,13 @@ def _events(chunk: dict[str, Any], kind: str) -> list[EngineEvent]:
     events: list[EngineEvent] = []
     for choice in chunk.get("choices") or []:
         index = int(choice.get("index", 0))
-        text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
-        if text:
-            events.append(TextDelta(index, text))
+        delta = choice.get("delta") or {}
+        text = delta.get("content") if kind == "chat" else choice.get("text")
+        logprobs = choice.get("logprobs") or None
+        if text or logprobs:
+            events.append(TextDelta(index, text or "", logprobs))
+        if kind == "chat" and delta.get("tool_calls"):
+            events.append(ToolCallDelta(index, list(delta["tool_calls"])))
         if choice.get("finish_reason"):
             events.append(Finished(index, str(choice["finish_reason"])))
     usage = chunk.get("usage")

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from gateway.config import Settings
@@ -25,6 +25,7 @@ from gateway.engines.base import (
     Finished,
     SamplingParams,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from gateway.errors import APIError, BadRequest, NotFound, sse_error
@@ -77,9 +78,50 @@ class Plan:
 
 @dataclass
 class Outcome:
-    texts: dict[int, list[str]]
-    finish: dict[int, str]
-    usage: Usage
+    """A whole answer gathered from the engine's events, per choice index."""
+
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    tool_calls: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, event: EngineEvent) -> None:
+        if isinstance(event, TextDelta):
+            self.texts.setdefault(event.index, []).append(event.text)
+            if event.logprobs is not None:
+                self.logprobs.setdefault(event.index, []).append(event.logprobs)
+        elif isinstance(event, ToolCallDelta):
+            self.tool_calls.setdefault(event.index, []).extend(event.tool_calls)
+        elif isinstance(event, Finished):
+            self.finish[event.index] = event.reason
+        elif isinstance(event, Usage):
+            self.usage = event
+
+
+def merge_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call deltas joined into whole calls: id, type and name from the deltas that carry them,
+    arguments concatenated in order, one call per `index`."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.setdefault(int(delta.get("index") or 0),
+                                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if delta.get("type"):
+            call["type"] = delta["type"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def merge_logprobs(endpoint: Endpoint, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-chunk logprobs joined into one object: chat's `content` list, or completions' parallel lists."""
+    if endpoint == "chat":
+        return {"content": [token for part in parts for token in part.get("content") or []], "refusal": None}
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {key: [value for part in parts for value in part.get(key) or []] for key in keys}
 
 
 def message_text(message: ChatMessage) -> str | None:
@@ -230,18 +272,13 @@ class InferenceService:
     async def complete(self, plan: Plan, started: float) -> tuple[Plan, dict[str, Any]]:
         try:
             plan, stream, first = await self.start(plan)
-            outcome = Outcome(texts={}, finish={}, usage=Usage(0, 0))
+            outcome = Outcome()
             ttft: float | None = None
             events = [first] if first is not None else []
             async for event in _chain(events, stream):
-                if isinstance(event, TextDelta):
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    outcome.texts.setdefault(event.index, []).append(event.text)
-                elif isinstance(event, Finished):
-                    outcome.finish[event.index] = event.reason
-                elif isinstance(event, Usage):
-                    outcome.usage = event
+                if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
+                    ttft = time.perf_counter() - started
+                outcome.add(event)
         except APIError as exc:
             self.record_error(plan, exc.status_code)
             raise
@@ -260,13 +297,16 @@ class InferenceService:
         role = {"role": "assistant", "content": ""}
         try:
             async for event in _chain([first] if first is not None else [], stream):
-                if isinstance(event, TextDelta | Finished) and plan.endpoint == "chat" and event.index not in opened:
+                if (isinstance(event, TextDelta | ToolCallDelta | Finished) and plan.endpoint == "chat"
+                        and event.index not in opened):
                     opened.add(event.index)  # a chat stream opens each choice with the role
                     yield _sse(self._chunk(plan, rid, created, event.index, role))
+                if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
+                    ttft = time.perf_counter() - started
                 if isinstance(event, TextDelta):
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    yield _sse(self._chunk(plan, rid, created, event.index, event.text))
+                    yield _sse(self._chunk(plan, rid, created, event.index, event.text, logprobs=event.logprobs))
+                elif isinstance(event, ToolCallDelta):
+                    yield _sse(self._chunk(plan, rid, created, event.index, {"tool_calls": event.tool_calls}))
                 elif isinstance(event, Finished):
                     yield _sse(self._chunk(plan, rid, created, event.index, None, event.reason))
                 elif isinstance(event, Usage):
@@ -315,29 +355,41 @@ class InferenceService:
     def record_error(self, plan: Plan, status: int) -> None:
         self.metrics.request_errors.labels(route=plan.route, code=str(status)).inc()
 
-    def _chunk(self, plan: Plan, rid: str, created: int, index: int, delta: Mapping[str, str] | str | None,
-               finish: str | None = None) -> dict[str, Any]:
+    def _chunk(self, plan: Plan, rid: str, created: int, index: int, delta: Mapping[str, Any] | str | None,
+               finish: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if plan.endpoint == "chat":
-            content: Mapping[str, str] = {} if delta is None else ({"content": delta} if isinstance(delta, str)
+            content: Mapping[str, Any] = {} if delta is None else ({"content": delta} if isinstance(delta, str)
                                                                     else delta)
-            choice: dict[str, Any] = {"index": index, "delta": dict(content), "logprobs": None,
+            choice: dict[str, Any] = {"index": index, "delta": dict(content), "logprobs": logprobs,
                                       "finish_reason": finish}
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": plan.model,
                     "choices": [choice]}
         text = delta if isinstance(delta, str) else ""
         return {"id": rid, "object": "text_completion", "created": created, "model": plan.model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     def _response(self, plan: Plan, outcome: Outcome, usage: dict[str, Any]) -> dict[str, Any]:
         rid, created = plan.request.request_id, int(time.time())
         indices = sorted(set(outcome.texts) | set(outcome.finish)) or [0]
+        indices = sorted(set(indices) | set(outcome.tool_calls))
+
+        def logprobs(i: int) -> dict[str, Any] | None:
+            parts = outcome.logprobs.get(i)
+            return merge_logprobs(plan.endpoint, parts) if parts else None
+
         if plan.endpoint == "chat":
-            choices: list[dict[str, Any]] = [
-                {"index": i, "message": {"role": "assistant", "content": "".join(outcome.texts.get(i, []))},
-                 "logprobs": None, "finish_reason": outcome.finish.get(i, "stop")} for i in indices]
+            choices: list[dict[str, Any]] = []
+            for i in indices:
+                text = "".join(outcome.texts.get(i, []))
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if outcome.tool_calls.get(i):
+                    message["tool_calls"] = merge_tool_calls(outcome.tool_calls[i])
+                    message["content"] = text or None  # OpenAI: no content beside tool calls
+                choices.append({"index": i, "message": message, "logprobs": logprobs(i),
+                                "finish_reason": outcome.finish.get(i, "stop")})
             return {"id": rid, "object": "chat.completion", "created": created, "model": plan.model,
                     "choices": choices, "usage": usage}
-        choices = [{"index": i, "text": "".join(outcome.texts.get(i, [])), "logprobs": None,
+        choices = [{"index": i, "text": "".join(outcome.texts.get(i, [])), "logprobs": logprobs(i),
                     "finish_reason": outcome.finish.get(i, "stop")} for i in indices]
         return {"id": rid, "object": "text_completion", "created": created, "model": plan.model,
                 "choices": choices, "usage": usage}
