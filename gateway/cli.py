@@ -57,12 +57,21 @@ def cmd_vllm(args: argparse.Namespace) -> int:
     if not python.exists():
         print(f"promptintern vllm: {python} not found; `make vllm-venv` creates {VLLM_VENV}", file=sys.stderr)
         return 2
-    command = vllm_command(settings, base_model_dir(settings), python=python, port=args.port,
-                           max_loras=args.max_loras, max_model_len=args.max_model_len,
-                           prefix_caching=not args.no_prefix_caching, fast_start=args.fast_start)
+    try:
+        command = vllm_command(settings, base_model_dir(settings), python=python, port=args.port,
+                               max_loras=args.max_loras, max_model_len=args.max_model_len,
+                               prefix_caching=not args.no_prefix_caching, fast_start=args.fast_start,
+                               extra_args=vllm_extra_args(args.vllm_args))
+    except ValueError as exc:
+        print(f"promptintern vllm: {exc}", file=sys.stderr)
+        return 2
     print("[promptintern] " + " ".join(command), flush=True)
     os.execve(command[0], command, vllm_env(threads=args.threads))
     return 0  # pragma: no cover - execve does not return
+
+
+def vllm_extra_args(args: list[str]) -> list[str]:
+    return args[1:] if args[:1] == ["--"] else args
 
 
 def ensure_admin_key(settings: Settings) -> str:
@@ -197,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--fast-start", action="store_true",
                       help="eager mode, no compilation: starts in ~30 s instead of ~3 min, serves slower")
     vllm.add_argument("--threads", type=int, help="OMP threads for vLLM on CPU")
+    vllm.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                      help="after `--`: more arguments for vLLM's server, appended as given "
+                           "(e.g. -- --enable-auto-tool-choice --tool-call-parser hermes)")
     vllm.set_defaults(func=cmd_vllm)
 
     admin = sub.add_parser("admin-key", help="print the admin key: PROMPTINTERN_ADMIN_KEY, else one kept in DATA_DIR")

