@@ -156,6 +156,8 @@ def test_report_renders_table_findings_and_dashes(doc: dict[str, Any]) -> None:
     assert "93.8% — at or above the paper's >90%" in text
     assert "4.00× (4.00× faster) — below the paper's 4.2×" in text
     assert "Row 4 (prefix caching) was not measured: the embedded engine has no prefix cache." in text
+    assert "Under load (8 requests at concurrency 8): PromptIntern serves 2.00 requests/s against row 1's 0.50 " \
+           "(4.00×): when" in text
     assert "2026-11-29 06:00 UTC" in text
     assert "`` ls `pwd`/*.py ``" in text  # backticks inside an answer stay inline code
     assert "None" not in text and "nan" not in text.lower()
@@ -166,6 +168,26 @@ def test_readme_section_names_date_machine_and_command(doc: dict[str, Any]) -> N
     assert "2026-11-29 06:00 UTC" in text and "test CPU, 2 CPU cores" in text
     assert "`promptintern bench paper --quick`" in text
     assert "| 7 | PromptIntern (progressive), bare query |" in text
+    assert "| 3a | Compressed prompt, keep_ratio 0.5" in text  # every row, not a selection
+    assert "(results/paper/latency.png)" in text and "(results/paper/paper.json)" in text
+
+
+def test_readme_carries_a_committed_runs_section_verbatim() -> None:
+    """Every figure in the README's paper section comes from a run: the section is the results folder's
+    generated readme_section.md, pasted whole."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    found = re.search(r"Full report: \[(docs/[\w.-]+)/report\.md\]", readme)
+    assert found, "the README names no committed report under docs/"
+    folder = root / found.group(1)
+    section = (folder / "readme_section.md").read_text()
+    assert section.strip() in readme
+    doc = json.loads((folder / "paper.json").read_text())
+    assert {r["id"] for r in doc["rows"]} == set(ROW_IDS)
+    for name in ("report.md", "quality_vs_tokens.png", "latency.png"):
+        assert (folder / name).is_file()
 
 
 def test_plots_are_written(doc: dict[str, Any], tmp_path: Path) -> None:
@@ -240,3 +262,25 @@ def test_rebuild_adds_the_trainers_own_evaluation_when_the_key_matches(doc: dict
     report = (out / "report.md").read_text()
     assert "adapter+bare BLEU 29.0, EM 4.3%, 1.49 s" in report
     assert report.count("The trainer's own evaluation") == 1  # the stale key gets nothing
+
+
+def _adapter_folder(root: Path, name: str, r: int, rank_pattern: dict[str, int] | None = None) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r,
+                                                            "rank_pattern": rank_pattern or {}}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_lora_slots_are_sized_to_the_largest_adapter_rank_vllm_accepts(tmp_path: Path) -> None:
+    from gateway.bench.paper import lora_rank_limit
+    from gateway.engines.base import AdapterLoadError
+
+    r4, r8 = _adapter_folder(tmp_path, "a", 4), _adapter_folder(tmp_path, "b", 8)
+    assert lora_rank_limit([r4], 16) == 8  # vLLM has no rank-4 slots: the next size up
+    assert lora_rank_limit([r4, r8], 16) == 8
+    assert lora_rank_limit([r4, _adapter_folder(tmp_path, "c", 8, {"q_proj": 12})], 16) == 16
+    assert lora_rank_limit([], 16) == 16
+    with pytest.raises(AdapterLoadError, match="exceeds"):
+        lora_rank_limit([_adapter_folder(tmp_path, "d", 32)], 16)

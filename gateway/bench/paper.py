@@ -46,7 +46,7 @@ from gateway.config import Settings
 from gateway.engines.base import Engine, EngineRequest, SamplingParams, TextDelta, Usage
 from gateway.local_server import LocalGateway, free_port
 from gateway.templates import PromptTemplate, bare_query_messages
-from gateway.vllm_server import VLLM_VENV, VLLMProcess, vllm_python
+from gateway.vllm_server import VLLM_LORA_RANKS, VLLM_VENV, VLLMProcess, vllm_python
 
 Messages = list[dict[str, str]]
 STOP = ("\n",)
@@ -228,6 +228,19 @@ class CompressedTemplate:
     messages: dict[int, str]
     kept_tokens: int
     total_tokens: int
+
+
+def lora_rank_limit(paths: Sequence[Path], limit: int) -> int:
+    """The smallest rank vLLM accepts that fits every adapter served: vLLM sizes its LoRA weights (and, on
+    CPU, the per-token work of every LoRA layer) by --max-lora-rank, not by the adapter's own rank."""
+    from gateway.engines.embedded import read_adapter_config
+
+    ranks = []
+    for path in paths:
+        config = read_adapter_config(path, limit)
+        ranks += [int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]]
+    needed = max(ranks, default=limit)
+    return next((r for r in VLLM_LORA_RANKS if r >= needed), limit)
 
 
 def compress_template(model_dir: Path, template: PromptTemplate, keep_ratios: Sequence[float]) -> list[
@@ -514,6 +527,11 @@ def run(settings: Settings, options: PaperOptions) -> Path:
     adapters = {s: resolve_adapter(settings, example, s, options.quick, progress) for s in SCHEDULES}
     for a in adapters.values():
         progress.say(f"  {a.schedule}: {a.path} ({a.source}, trained in {a.training_seconds} s)")
+    rank = lora_rank_limit([a.path for a in adapters.values()], settings.max_lora_rank)
+    if rank != settings.max_lora_rank:
+        progress.say(f"  the engine's LoRA slots are sized to the adapters' rank: MAX_LORA_RANK {rank} "
+                     f"(setting: {settings.max_lora_rank})")
+        settings = settings.model_copy(update={"max_lora_rank": rank})
 
     progress.say(f"phase 2/4: compressing the template at keep_ratio {', '.join(map(str, KEEP_RATIOS))}")
     compressed = compress_template(model_dir, template, KEEP_RATIOS)
@@ -623,6 +641,7 @@ def _settings_doc(settings: Settings, options: PaperOptions, example: Any, n: in
         "decoding": f"greedy, at most {options.max_new_tokens} new tokens, stopping at the first newline "
                     "(every row alike: the answer is one command line)",
         "warmup": WARMUP, "throughput_requests": options.throughput, "concurrency_throughput": CONCURRENCY,
+        "max_lora_rank": settings.max_lora_rank,
         "prefix_caching": ("off for every row except row 4 (a second vLLM start with it on)" if kind == "vllm"
                            else "none (the embedded engine has no prefix cache)"),
         "price_input_per_1k": prices.input_per_1k, "price_output_per_1k": prices.output_per_1k,
