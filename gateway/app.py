@@ -60,13 +60,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-        if length is not None and length.isdigit():
-            if int(length) > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+        declared = int(length) if length is not None and length.isdigit() else None
+        if declared is not None and declared > self.limit:
+            await self._refuse(scope, receive, send)
             return
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []

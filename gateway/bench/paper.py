@@ -233,13 +233,9 @@ class CompressedTemplate:
 def lora_rank_limit(paths: Sequence[Path], limit: int) -> int:
     """The smallest rank vLLM accepts that fits every adapter served: vLLM sizes its LoRA weights (and, on
     CPU, the per-token work of every LoRA layer) by --max-lora-rank, not by the adapter's own rank."""
-    from gateway.engines.embedded import read_adapter_config
+    from gateway.engines.embedded import adapter_rank, read_adapter_config
 
-    ranks = []
-    for path in paths:
-        config = read_adapter_config(path, limit)
-        ranks += [int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]]
-    needed = max(ranks, default=limit)
+    needed = max((adapter_rank(read_adapter_config(path, limit)) for path in paths), default=limit)
     return next((r for r in VLLM_LORA_RANKS if r >= needed), limit)
 
 

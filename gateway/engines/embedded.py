@@ -390,9 +390,13 @@ def read_adapter_config(path: Path, max_rank: int) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterLoadError("only LoRA adapters are supported (peft_type must be LORA)",
                                param="adapter_path", code="invalid_adapter")
-    rank = int(config.get("r", 0))
-    ranks = [rank, *[int(v) for v in (config.get("rank_pattern") or {}).values()]]
-    if max(ranks) > max_rank:
-        raise AdapterLoadError(f"adapter rank {max(ranks)} exceeds the gateway's MAX_LORA_RANK {max_rank}",
+    rank = adapter_rank(config)
+    if rank > max_rank:
+        raise AdapterLoadError(f"adapter rank {rank} exceeds the gateway's MAX_LORA_RANK {max_rank}",
                                param="adapter_path", code="adapter_rank_too_large")
     return config
+
+
+def adapter_rank(config: dict[str, Any]) -> int:
+    """The largest rank in a PEFT LoRA config: `r`, or a larger one from `rank_pattern`."""
+    return max([int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])

@@ -370,8 +370,7 @@ class InferenceService:
 
     def _response(self, plan: Plan, outcome: Outcome, usage: dict[str, Any]) -> dict[str, Any]:
         rid, created = plan.request.request_id, int(time.time())
-        indices = sorted(set(outcome.texts) | set(outcome.finish)) or [0]
-        indices = sorted(set(indices) | set(outcome.tool_calls))
+        indices = sorted(set(outcome.texts) | set(outcome.finish) | set(outcome.tool_calls)) or [0]
 
         def logprobs(i: int) -> dict[str, Any] | None:
             parts = outcome.logprobs.get(i)
