@@ -71,6 +71,10 @@ def test_openapi_documents_every_route(tiny_server: LiveServer) -> None:
                  "/v1/prompts/{name}/adapters", "/health", "/ready", "/metrics"):
         assert path in spec["paths"], path
     assert "404" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    schemas = spec["components"]["schemas"]
+    assert "tool_calls" in schemas["ChatMessageOut"]["properties"]  # relayed from vLLM
+    for choice in ("ChatChoice", "CompletionChoice"):
+        assert {"type": "object", "additionalProperties": True} in schemas[choice]["properties"]["logprobs"]["anyOf"]
 
 
 # -- OpenAI errors -----------------------------------------------------------------------------

@@ -68,15 +68,20 @@ class UsageOut(BaseModel):
         None, description="`original_prompt_tokens` the app sent and `saved_prompt_tokens` the gateway removed.")
 
 
+LOGPROBS_DOC = "The engine's log probabilities when the request asked for them (vLLM engine), else null."
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The answer's text; null when the answer is only tool calls.")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="Tool calls in OpenAI's shape, when the request had `tools` (vLLM engine).")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = Field(None, description=LOGPROBS_DOC)
     finish_reason: str
 
 
@@ -92,7 +97,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = Field(None, description=LOGPROBS_DOC)
     finish_reason: str
 
 
