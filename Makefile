@@ -59,7 +59,7 @@ prometheus:
 	fi
 
 lint: venv
-	$(BIN)/ruff check gateway trainer tests
+	$(BIN)/ruff check core gateway trainer benchmarks tests
 	$(BIN)/mypy
 
 test: model vllm-venv prometheus lint

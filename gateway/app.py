@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.basemodel import base_model_dir
-from gateway.config import Settings
+from core.basemodel import base_model_dir
+from core.config import Settings
 from gateway.engines.base import Engine
 from gateway.errors import APIError, PayloadTooLarge, ServiceUnavailable, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
@@ -24,7 +24,7 @@ from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
-from gateway.registry.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore
 from gateway.registry.store import PromptRegistry
 from gateway.tokens import TokenCounter
 

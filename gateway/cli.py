@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
+from core.config import Settings
 
 ADMIN_KEY_FILE = "admin_key"
 
@@ -42,14 +42,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from gateway.basemodel import base_model_dir
+    from core.basemodel import base_model_dir
 
     print(base_model_dir(_settings()))
     return 0
 
 
 def cmd_vllm(args: argparse.Namespace) -> int:
-    from gateway.basemodel import base_model_dir
+    from core.basemodel import base_model_dir
     from gateway.vllm_server import VLLM_VENV, vllm_command, vllm_env, vllm_python
 
     settings = _settings()
@@ -137,33 +137,33 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "matcher":
-        from gateway.bench import matcher as matcher_bench
+        from benchmarks import matcher as matcher_bench
 
         matcher_bench.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
         return 0
     if args.target == "dashboard":
-        from gateway.bench import dashboard
+        from benchmarks import dashboard
 
         out = dashboard.run(_settings(), Path(args.out or "results/dashboard.png"), prometheus_url=args.prometheus_url,
                             duration=args.duration)
         print(f"dashboard picture: {out}")
         return 0
     if args.target == "engines":
-        from gateway.bench import engines as engines_bench
+        from benchmarks import engines as engines_bench
 
         engines_bench.run(_settings(), requests=args.requests or 16, max_tokens=args.max_tokens or 16,
                           fast_start=args.fast_start, skip_vllm=args.skip_vllm)
         return 0
     if args.target == "paper":
         return _bench_paper(args)
-    from gateway.bench import gateway as gateway_bench
+    from benchmarks import gateway as gateway_bench
 
     gateway_bench.run(_settings(), requests=args.requests or 40)
     return 0
 
 
 def _bench_paper(args: argparse.Namespace) -> int:
-    from gateway.bench import paper
+    from benchmarks import paper
 
     if args.rebuild:
         paper.rebuild_report(Path(args.out or "results/paper"))

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import ConflictError, DomainError, InvalidInput, NotFoundError
+
 log = logging.getLogger(__name__)
 
 
@@ -97,6 +99,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def from_domain(exc: DomainError) -> APIError:
+    """The one mapping from the system's own errors to HTTP: not found 404, conflict 409, invalid 422."""
+    cls: type[APIError] = InternalError
+    if isinstance(exc, NotFoundError):
+        cls = NotFound
+    elif isinstance(exc, ConflictError):
+        cls = Conflict
+    elif isinstance(exc, InvalidInput):
+        cls = Unprocessable
+    return cls(exc.message, param=exc.param, code=exc.code)
+
+
 def error_json(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code)
 
@@ -112,6 +126,10 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
         return error_json(exc)
+
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DomainError)
+        return error_json(from_domain(exc))
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -141,6 +159,7 @@ def register_exception_handlers(app: FastAPI) -> None:
         return error_json(InternalError(f"internal error: {type(exc).__name__}"))
 
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -23,13 +23,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
+from core.config import Settings
 from gateway.errors import Unprocessable
 from gateway.prompts.protocol import TrainSpec
-from gateway.registry.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore
 from gateway.registry.db import utcnow
 from gateway.registry.store import JobRecord, PromptRegistry
-from gateway.templates import PromptTemplate
+from core.templates import PromptTemplate
 
 log = logging.getLogger(__name__)
 LEASE_TTL = timedelta(seconds=30)
@@ -69,7 +69,7 @@ def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> dict[str, A
 def _train_child(payload: dict[str, Any], messages: Any) -> None:
     """Entry point of the training process: run the trainer, report progress and the outcome."""
     try:
-        from gateway.templates import parse_template
+        from core.templates import parse_template
         from trainer.evaluate import EvalOptions
         from trainer.schedule import schedule_from_overrides
         from trainer.train import TrainJob, TrainProgress, train_prompt

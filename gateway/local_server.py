@@ -9,7 +9,7 @@ from typing import Any, Self
 
 import httpx
 
-from gateway.config import Settings
+from core.config import Settings
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.templates import COMPLETION_ROLE, MessageTemplate, PromptTemplate, TemplateKind, normalize
+from core.templates import COMPLETION_ROLE, MessageTemplate, PromptTemplate, TemplateKind, normalize
 
 ANCHOR_CHARS = 64
 EXACT = -1

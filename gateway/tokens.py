@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.templates import PromptTemplate
+from core.templates import PromptTemplate
 
 
 class TokenCounter:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.config import Settings
+from core.config import Settings
 
 VLLM_VENV = Path(".venv-vllm")
 # The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).

@@ -26,8 +26,8 @@ ADMIN_KEY = "test-admin-key"
 @pytest.fixture(scope="session")
 def base_model_path() -> Path:
     """The real SmolLM2-135M-Instruct, materialised once into the repo's data dir (as `make model` does)."""
-    from gateway.basemodel import base_model_dir
-    from gateway.config import Settings
+    from core.basemodel import base_model_dir
+    from core.config import Settings
 
     return base_model_dir(Settings(data_dir=REPO / "data"))
 
@@ -53,7 +53,7 @@ class LiveServer(LocalGateway):
 
 
 def gateway_settings(tmp: Path, model_path: Path, **overrides: Any) -> Any:
-    from gateway.config import Settings
+    from core.config import Settings
 
     values: dict[str, Any] = dict(
         data_dir=tmp / "data", adapter_dir=tmp / "adapters", base_model=model_path, admin_key=ADMIN_KEY,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gateway.bench.prometheus import (
+from benchmarks.prometheus import (
     DASHBOARD,
     GATEWAY_JOB,
     GRAFANA_DEFAULTS,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.registry.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore
 from gateway.registry.store import PromptRegistry
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.bench.paper import CompressedTemplate, PaperOptions, build_inputs, input_key
-from gateway.bench.paper_report import (
+from benchmarks.paper import CompressedTemplate, PaperOptions, build_inputs, input_key
+from benchmarks.paper_report import (
     CONDITIONS,
     FIGURE_KEYS,
     PAPER_HEADLINE,
@@ -31,7 +31,7 @@ from gateway.bench.paper_report import (
     write_plots,
 )
 from gateway.cli import build_parser
-from gateway.templates import parse_template
+from core.templates import parse_template
 
 PRICES = Prices(input_per_1k=0.00015, output_per_1k=0.0006)
 # Synthetic figures per row: (input tokens, output tokens, median latency s, BLEU, EM %, training s).
@@ -242,7 +242,7 @@ def test_cli_parses_paper_and_rebuilds_from_json(doc: dict[str, Any], tmp_path: 
 
 
 def test_rebuild_adds_the_trainers_own_evaluation_when_the_key_matches(doc: dict[str, Any], tmp_path: Path) -> None:
-    from gateway.bench.paper import rebuild_report
+    from benchmarks.paper import rebuild_report
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -274,7 +274,7 @@ def _adapter_folder(root: Path, name: str, r: int, rank_pattern: dict[str, int] 
 
 
 def test_lora_slots_are_sized_to_the_largest_adapter_rank_vllm_accepts(tmp_path: Path) -> None:
-    from gateway.bench.paper import lora_rank_limit
+    from benchmarks.paper import lora_rank_limit
     from gateway.engines.base import AdapterLoadError
 
     r4, r8 = _adapter_folder(tmp_path, "a", 4), _adapter_folder(tmp_path, "b", 8)

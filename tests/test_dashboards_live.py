@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.bench import dashboard
-from gateway.bench import prometheus as prom
-from gateway.bench.lora import random_lora
-from gateway.config import Settings
+from benchmarks import dashboard
+from benchmarks import prometheus as prom
+from trainer.lora import random_lora
+from core.config import Settings
 from tests.conftest import LiveServer, gateway_settings
 from tests.prom_harness import require_prometheus
 

@@ -140,7 +140,7 @@ def test_vllm_services_serve_loras_at_runtime(compose: dict[str, Any]) -> None:
 
 
 def test_gateway_settings(compose: dict[str, Any]) -> None:
-    from gateway.config import DEFAULT_SERVED_MODEL_NAME, Settings
+    from core.config import DEFAULT_SERVED_MODEL_NAME, Settings
 
     env = _env(_services(compose)["gateway"])
     assert env["PROMPTINTERN_ENGINE"] == "vllm"
@@ -205,7 +205,7 @@ def _cli_subcommands() -> set[str]:
 
 
 def test_base_model_init_uses_the_gateway_image_and_cli(compose: dict[str, Any]) -> None:
-    from gateway import basemodel
+    from core import basemodel
 
     services = _services(compose)
     init = services["base-model"]

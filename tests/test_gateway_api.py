@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.bench.lora import random_lora as make_lora
+from trainer.lora import random_lora as make_lora
 from tests.conftest import ADMIN_KEY, LiveServer
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -15,8 +15,8 @@ import openai
 import pytest
 import torch
 
-from gateway.bench.lora import random_lora as make_lora
-from gateway.templates import bare_query_messages, parse_template
+from trainer.lora import random_lora as make_lora
+from core.templates import bare_query_messages, parse_template
 from tests.conftest import ADMIN_KEY, LiveServer, gateway_settings
 
 pytestmark = pytest.mark.model

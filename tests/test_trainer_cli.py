@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings
+from core.config import Settings
 from tests.trainer_fixtures import EXAMPLES, REPO, SERVED, smollm_dir, tiny_messages, tiny_rows, trainer_tiny_model
 from trainer.cli import add_train_parser, build_schedule, configure_parser, run_train
 

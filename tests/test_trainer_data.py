@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.templates import parse_template
+from core.templates import parse_template
 from tests.trainer_fixtures import tiny_messages, tiny_rows
 from trainer.data import TrainDataError, load_jsonl, split_rows, validate_examples, validate_rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.templates import parse_template
+from core.templates import parse_template
 from tests.trainer_fixtures import EXAMPLES, INSTRUCTIONS, tiny_messages
 from trainer.data import TrainDataError
 from trainer.prompting import PromptLayout

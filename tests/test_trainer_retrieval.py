@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.templates import parse_template
+from core.templates import parse_template
 from tests.trainer_fixtures import EXAMPLES, tiny_messages, tiny_rows
 from trainer.dataset import StageBuilder
 from trainer.retrieval import ExamplePool, minilm_dir

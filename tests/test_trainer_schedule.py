@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.templates import bare_query_messages, parse_template
+from core.templates import bare_query_messages, parse_template
 from tests.trainer_fixtures import EXAMPLES, smollm_dir, tiny_messages, tiny_rows, tiny_tokenizer, trainer_tiny_model
 from trainer.dataset import StageBuilder, prompt_text
 from trainer.schedule import ProgressiveSchedule, ScheduleError, Stage, preset, schedule_from_overrides

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from gateway.templates import bare_query_messages, parse_template
+from core.templates import bare_query_messages, parse_template
 from tests.trainer_fixtures import (
     EXAMPLES,
     SERVED,

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.config import Settings
+from core.config import Settings
 from gateway.jobs import JobRunner
-from gateway.registry.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore
 from gateway.registry.store import PromptRegistry
 from tests.conftest import LiveServer, gateway_settings
 

@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 
-from gateway.bench.lora import random_lora
-from gateway.config import Settings
+from trainer.lora import random_lora
+from core.config import Settings
 from gateway.engines.base import EngineRequest, SamplingParams, TextDelta
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.local_server import free_port
-from gateway.templates import bare_query_messages, parse_template
+from core.templates import bare_query_messages, parse_template
 from gateway.vllm_server import VLLMProcess, vllm_python
 from tests.conftest import LiveServer, gateway_settings
 

@@ -60,8 +60,8 @@ def tiny_rows() -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The real SmolLM2 folder (materialised once); tests use its tokenizer and, rarely, its weights."""
-    from gateway.basemodel import base_model_dir
-    from gateway.config import Settings
+    from core.basemodel import base_model_dir
+    from core.config import Settings
 
     return base_model_dir(Settings(data_dir=REPO / "data"))  # type: ignore[call-arg]
 

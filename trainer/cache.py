@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gateway.registry.adapter_store import read_manifest
+from core.adapter_store import read_manifest
 
 VERSION_DIR = re.compile(r"v(\d+)")
 MANIFEST = "manifest.json"

@@ -16,8 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
-from gateway.templates import PromptTemplate, TemplateError, parse_template
+from core.config import Settings
+from core.templates import PromptTemplate, TemplateError, parse_template
 from trainer.cache import find_cached_adapter, next_version_dir, read_manifest
 from trainer.data import Row, TrainDataError, load_jsonl, validate_examples, validate_rows
 from trainer.evaluate import EvalOptions, format_table
@@ -192,7 +192,7 @@ def _inputs(args: argparse.Namespace) -> tuple[str, PromptTemplate, list[Row], l
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.basemodel import base_model_dir
+    from core.basemodel import base_model_dir
     from trainer.train import TrainJob, adapter_cache_key_for, evaluate_base, train_prompt
 
     name, template, examples, rows, test_rows = _inputs(args)

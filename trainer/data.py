@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.templates import PromptTemplate
+from core.templates import PromptTemplate
 
 QUERY_ALIAS = "query"
 RESPONSE = "response"

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.templates import PromptTemplate, bare_query_content
+from core.templates import PromptTemplate, bare_query_content
 from trainer.compress import SelfInformationCompressor
 from trainer.data import RESPONSE, Row, TrainDataError, slot_values
 from trainer.prompting import PromptLayout, Rendered

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.packaged import package_dir
-from gateway.templates import PromptTemplate, escape, parse_template
+from core.packaged import package_dir
+from core.templates import PromptTemplate, escape, parse_template
 from trainer.data import Row, write_jsonl
 
 PACKAGE = "icalfa"

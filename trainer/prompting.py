@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.templates import PromptTemplate, Slot, bare_query_content, bare_query_messages
+from core.templates import PromptTemplate, Slot, bare_query_content, bare_query_messages
 from trainer.data import RESPONSE, TrainDataError
 
 MAX_GAP = 200

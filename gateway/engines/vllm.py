@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from gateway.config import Settings
+from core.config import Settings
+from core.adapter_store import read_adapter_config
 from gateway.engines.base import (
     AdapterLoadError,
     AdapterNotLoaded,
@@ -31,7 +32,6 @@ from gateway.engines.base import (
     ToolCallDelta,
     Usage,
 )
-from gateway.engines.embedded import read_adapter_config
 from gateway.errors import BadRequest
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
-from gateway.config import Settings
+from core.config import Settings
 from gateway.engines.base import (
     AdapterNotLoaded,
     Engine,
@@ -33,7 +33,7 @@ from gateway.matcher import Match
 from gateway.metrics import NO_PROMPT, GatewayMetrics
 from gateway.openai_api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from gateway.prompts.service import PromptService, RoutablePrompt
-from gateway.templates import bare_query_messages
+from core.templates import bare_query_messages
 from gateway.tokens import TokenCounter
 
 log = logging.getLogger(__name__)

@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
+from core.config import Settings
+from core.errors import DomainError
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
-from gateway.engines.embedded import read_adapter_config
 from gateway.errors import APIError, NotFound, ServiceUnavailable, Unprocessable
 from gateway.jobs import JobRunner, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
-from gateway.registry.adapter_store import AdapterStore, read_manifest
+from core.adapter_store import AdapterStore, read_adapter_config, read_manifest
 from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, check_prompt_name
-from gateway.templates import PromptTemplate, TemplateError, parse_template
+from core.templates import PromptTemplate, TemplateError, parse_template
 from gateway.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -276,11 +276,11 @@ class PromptService:
             path = await asyncio.to_thread(self.store.import_adapter, source, name, version,
                                            self.settings.served_model_name, manifest)
             await self._load_and_warm(model_id, path)
-        except (APIError, OSError, ValueError) as exc:
-            message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+        except (APIError, DomainError, OSError, ValueError) as exc:
+            message = exc.message if isinstance(exc, APIError | DomainError) else f"{type(exc).__name__}: {exc}"
             await asyncio.to_thread(self.registry.update_version, name, version, status="failed", error=message)
             await asyncio.to_thread(self.store.remove_version, name, version)
-            if isinstance(exc, APIError):
+            if isinstance(exc, APIError | DomainError):
                 raise
             raise AdapterLoadError(message, param="adapter_path", code="invalid_adapter") from exc
         manifest["load_seconds"] = round(time.monotonic() - started, 3)

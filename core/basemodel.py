@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.config import Settings
-from gateway.packaged import package_dir
+from core.config import Settings
+from core.packaged import package_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 
-from gateway.basemodel import base_model_dir
-from gateway.bench import prometheus as prom
-from gateway.bench.lora import random_lora
-from gateway.config import Settings
+from core.basemodel import base_model_dir
+from benchmarks import prometheus as prom
+from trainer.lora import random_lora
+from core.config import Settings
 from gateway.local_server import LocalGateway, free_port
 
 BASH_SHOTS = (("list files in the current directory", "ls"), ("show the current working directory", "pwd"),

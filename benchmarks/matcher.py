@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from gateway.matcher import Matcher
-from gateway.templates import PromptTemplate, escape, parse_template
+from core.templates import PromptTemplate, escape, parse_template
 
 CHARS_PER_TOKEN = 4
 _WORDS = (

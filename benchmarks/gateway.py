@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 
-from gateway.basemodel import base_model_dir
-from gateway.bench.lora import random_lora
-from gateway.config import Settings
+from core.basemodel import base_model_dir
+from trainer.lora import random_lora
+from core.config import Settings
 from gateway.engines.base import EngineRequest, SamplingParams
 from gateway.local_server import LocalGateway, free_port
-from gateway.templates import bare_query_messages, parse_template
+from core.templates import bare_query_messages, parse_template
 
 INSTRUCTIONS = "You translate requests into one bash command. Answer with the command only."
 SHOTS = [("list files in the current directory", "ls"), ("show the current working directory", "pwd"),

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.basemodel import base_model_dir
-from gateway.bench.lora import random_lora
-from gateway.config import Settings
+from core.basemodel import base_model_dir
+from trainer.lora import random_lora
+from core.config import Settings
 from gateway.engines.base import Engine, EngineRequest, SamplingParams, Usage
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.engines.vllm import VLLMEngine
 from gateway.local_server import free_port
-from gateway.templates import bare_query_messages
+from core.templates import bare_query_messages
 from gateway.vllm_server import VLLMProcess, vllm_python
 
 ADAPTER = "bench@v1"

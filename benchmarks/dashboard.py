@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.bench import prometheus as prom
-from gateway.config import Settings
+from benchmarks import prometheus as prom
+from core.config import Settings
 
 DEFAULT_OUT = Path("results/dashboard.png")
 # Panels of deploy/grafana/dashboards/promptintern-cost.json, found by title: the picture follows the file.
@@ -225,11 +225,11 @@ def run(settings: Settings, out: Path = DEFAULT_OUT, *, prometheus_url: str | No
     """Render from a running Prometheus, or, without a URL, from a demo stack fed for `duration` seconds.
 
     The demo stack is the embedded gateway on `model_path` (default: the base model), Prometheus
-    scraping it every second with the repo's rules, and `gateway.bench.workload`'s mixed traffic.
+    scraping it every second with the repo's rules, and `benchmarks.workload`'s mixed traffic.
     """
     if prometheus_url:
         return render(prometheus_url, out, window)
-    from gateway.bench.workload import demo_stack
+    from benchmarks.workload import demo_stack
 
     with demo_stack(settings, model_path) as stack:
         started = time.time()
@@ -245,7 +245,7 @@ def run(settings: Settings, out: Path = DEFAULT_OUT, *, prometheus_url: str | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gateway.bench.dashboard [--prometheus-url URL] [--out PNG] [--duration S] [--window 5m]`."""
+    """`python -m benchmarks.dashboard [--prometheus-url URL] [--out PNG] [--duration S] [--window 5m]`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--prometheus-url", help="draw from this Prometheus; default: start a demo stack")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG to write (default {DEFAULT_OUT})")

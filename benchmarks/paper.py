@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 
-from gateway.basemodel import base_model_dir
-from gateway.bench.paper_report import (
+from core.basemodel import base_model_dir
+from benchmarks.paper_report import (
     CONDITIONS,
     Condition,
     Measurement,
@@ -42,10 +42,10 @@ from gateway.bench.paper_report import (
     table_rows,
     write_plots,
 )
-from gateway.config import Settings
+from core.config import Settings
 from gateway.engines.base import Engine, EngineRequest, SamplingParams, TextDelta, Usage
 from gateway.local_server import LocalGateway, free_port
-from gateway.templates import PromptTemplate, bare_query_messages
+from core.templates import PromptTemplate, bare_query_messages
 from gateway.vllm_server import VLLM_LORA_RANKS, VLLM_VENV, VLLMProcess, vllm_python
 
 Messages = list[dict[str, str]]
@@ -152,7 +152,7 @@ def _train_job(settings: Settings, example: Any, schedule: Any, out_dir: Path) -
 
 
 def _adapter_info(schedule: str, path: Path, source: str, key: str) -> AdapterInfo:
-    from trainer.cache import read_manifest
+    from core.adapter_store import read_manifest
 
     manifest = read_manifest(path) or {}
     seconds = manifest.get("training_seconds")
@@ -233,7 +233,7 @@ class CompressedTemplate:
 def lora_rank_limit(paths: Sequence[Path], limit: int) -> int:
     """The smallest rank vLLM accepts that fits every adapter served: vLLM sizes its LoRA weights (and, on
     CPU, the per-token work of every LoRA layer) by --max-lora-rank, not by the adapter's own rank."""
-    from gateway.engines.embedded import adapter_rank, read_adapter_config
+    from core.adapter_store import adapter_rank, read_adapter_config
 
     needed = max((adapter_rank(read_adapter_config(path, limit)) for path in paths), default=limit)
     return next((r for r in VLLM_LORA_RANKS if r >= needed), limit)
@@ -694,7 +694,7 @@ def _write(doc: dict[str, Any], out: Path) -> None:
 def rebuild_report(out: Path) -> None:
     """Re-render report.md, the plots and readme_section.md from an existing paper.json; an adapter entry
     without the trainer's own evaluation gets it from its manifest when the cache key still matches."""
-    from trainer.cache import read_manifest
+    from core.adapter_store import read_manifest
 
     doc = json.loads((out / "paper.json").read_text())
     for adapter in doc.get("adapters", []):

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import InvalidAdapter
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 TMP_PREFIX = ".tmp-"
 
@@ -91,3 +93,35 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_adapter_config(path: Path, max_rank: int) -> dict[str, Any]:
+    """Check an adapter folder before loading it: PEFT LoRA files present, rank within the limit."""
+    config_file = path / "adapter_config.json"
+    if not path.is_dir():
+        raise InvalidAdapter(f"adapter folder {path} does not exist", param="adapter_path",
+                               code="adapter_not_found")
+    if not config_file.is_file():
+        raise InvalidAdapter(f"{path} has no adapter_config.json (not a PEFT adapter folder)",
+                               param="adapter_path", code="invalid_adapter")
+    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise InvalidAdapter(f"{path} has no adapter_model.safetensors", param="adapter_path",
+                               code="invalid_adapter")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapter(f"adapter_config.json is not valid JSON: {exc}", param="adapter_path",
+                               code="invalid_adapter") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise InvalidAdapter("only LoRA adapters are supported (peft_type must be LORA)",
+                               param="adapter_path", code="invalid_adapter")
+    rank = adapter_rank(config)
+    if rank > max_rank:
+        raise InvalidAdapter(f"adapter rank {rank} exceeds the gateway's MAX_LORA_RANK {max_rank}",
+                               param="adapter_path", code="adapter_rank_too_large")
+    return config
+
+
+def adapter_rank(config: dict[str, Any]) -> int:
+    """The largest rank in a PEFT LoRA config: `r`, or a larger one from `rank_pattern`."""
+    return max([int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
