@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,22 @@ from core.errors import InvalidAdapter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 TMP_PREFIX = ".tmp-"
+VERSION_DIR = re.compile(r"v(\d+)")
+
+
+def version_dirs(prompt_dir: Path) -> list[tuple[int, Path]]:
+    """The `v<N>` folders of one prompt, oldest first: what the store holds, whoever wrote it."""
+    if not prompt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in prompt_dir.iterdir()
+             if (m := VERSION_DIR.fullmatch(child.name)) and child.is_dir()]
+    return sorted(found)
+
+
+def next_version_dir(prompt_dir: Path) -> Path:
+    """Where the trainer's CLI writes a prompt's next version when no registry allocates the number."""
+    versions = version_dirs(prompt_dir)
+    return prompt_dir / f"v{versions[-1][0] + 1 if versions else 1}"
 
 
 class AdapterStore:
@@ -33,9 +50,10 @@ class AdapterStore:
         return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}v{version}-", dir=parent))
 
     def highest_version(self, prompt: str) -> int:
-        """The largest `v<N>` folder of a prompt (the trainer's CLI writes versions outside the registry)."""
-        numbers = [int(p.name[1:]) for p in (self.root / prompt).glob("v*") if p.name[1:].isdigit()]
-        return max(numbers, default=0)
+        """The largest `v<N>` folder of a prompt (the trainer's CLI writes versions outside the registry);
+        the registry allocates new versions above it (`PromptRegistry.allocate_version`)."""
+        versions = version_dirs(self.root / prompt)
+        return versions[-1][0] if versions else 0
 
     def publish(self, staging: Path, prompt: str, version: int) -> Path:
         final = self.version_dir(prompt, version)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from gateway.auth import require_admin
 from gateway.errors import ErrorResponse
 from gateway.prompts.protocol import AddAdapter, JobOut, PromptList, PromptOut, RegisterPrompt, TrainSpec, VersionOut
-from gateway.prompts.service import PromptService, job_out
+from gateway.prompts.service import PromptService, job_out, version_out
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin key"},
@@ -38,23 +37,18 @@ async def register_prompt(body: RegisterPrompt, prompts: Prompts) -> PromptOut:
 
 @router.get("", response_model=PromptList, summary="List registered prompts")
 async def list_prompts(prompts: Prompts) -> PromptList:
-    records = await asyncio.to_thread(prompts.registry.all)
-    return PromptList(data=[prompts.describe(r) for r in records])
+    return PromptList(data=[prompts.describe(r) for r in await prompts.list_prompts()])
 
 
 @router.get("/{name}", response_model=PromptOut, summary="One prompt, with versions and its latest job")
 async def get_prompt(name: str, prompts: Prompts) -> PromptOut:
-    return prompts.describe(await asyncio.to_thread(prompts.registry.get, name))
+    return prompts.describe(await prompts.get_prompt(name))
 
 
 @router.post("/{name}/adapters", status_code=status.HTTP_201_CREATED, response_model=VersionOut,
              summary="Upload an adapter as the prompt's next version; it is routable once ready")
 async def add_adapter(name: str, body: AddAdapter, prompts: Prompts) -> VersionOut:
-    version = await prompts.add_adapter(name, body.adapter_path)
-    record = await asyncio.to_thread(prompts.registry.get, name)
-    v = next(v for v in record.versions if v.version == version)
-    return VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
-                      created=v.created, manifest=v.manifest, error=v.error)
+    return version_out(await prompts.add_adapter(name, body.adapter_path))
 
 
 @router.post("/{name}/train", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,

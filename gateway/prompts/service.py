@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.adapter_store import AdapterStore, read_adapter_config, read_manifest
 from core.config import Settings
-from core.errors import DomainError
+from core.errors import DomainError, NotFoundError
+from core.templates import PromptTemplate, TemplateError, parse_template
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
-from gateway.errors import APIError, NotFound, ServiceUnavailable, Unprocessable
+from gateway.errors import APIError, ServiceUnavailable, Unprocessable
 from gateway.jobs import JobRunner, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
-from core.adapter_store import AdapterStore, read_adapter_config, read_manifest
-from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, check_prompt_name
-from core.templates import PromptTemplate, TemplateError, parse_template
+from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, VersionRecord, check_prompt_name
 from gateway.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ def validate_examples(template: PromptTemplate, examples: list[dict[str, str]]) 
 
 
 def job_out(job: JobRecord) -> JobOut:
-    return JobOut(id=job.id, status=job.status, progress=job.progress, error=job.error, attempts=job.attempts,
-                  version=job.version, created=job.created, started=job.started, finished=job.finished)
+    return JobOut.model_validate(job, from_attributes=True)
+
+
+def version_out(version: VersionRecord) -> VersionOut:
+    """The wire shape of a version; a status the API does not document fails here, not in a client."""
+    return VersionOut.model_validate(version, from_attributes=True)
 
 
 class PromptService:
@@ -187,6 +191,12 @@ class PromptService:
 
     # -- registry operations -------------------------------------------------------------------
 
+    async def list_prompts(self) -> list[PromptRecord]:
+        return await asyncio.to_thread(self.registry.all)
+
+    async def get_prompt(self, name: str) -> PromptRecord:
+        return await asyncio.to_thread(self.registry.get, name)
+
     async def register(self, body: RegisterPrompt) -> PromptRecord:
         check_prompt_name(body.name)
         try:
@@ -209,7 +219,7 @@ class PromptService:
             if body.adapter_path is not None:
                 try:
                     await self._add_adapter_locked(body.name, Path(body.adapter_path))
-                except APIError:
+                except (APIError, DomainError):
                     # Registration and adapter are one request: undo both, so a retry can succeed.
                     await self._delete_locked(body.name)
                     raise
@@ -240,11 +250,11 @@ class PromptService:
                 await self._load_and_warm(model_id, path)
                 await asyncio.to_thread(self.registry.update_version, name, version, status="ready")
                 await self._replace_active(name, model_id, takes_bare_query(manifest))
-        except NotFound:
+        except NotFoundError:
             return False  # deleted meanwhile
         except APIError as exc:
             log.error("trained adapter %s did not load: %s", model_id, exc.message)
-            with contextlib.suppress(NotFound):
+            with contextlib.suppress(NotFoundError):
                 await asyncio.to_thread(self.registry.update_version, name, version, status="failed",
                                         error=f"the trained adapter did not load: {exc.message}")
             return False
@@ -252,18 +262,18 @@ class PromptService:
             self.refresh_gauge()
         return True
 
-    async def add_adapter(self, name: str, adapter_path: str) -> int:
+    async def add_adapter(self, name: str, adapter_path: str) -> VersionRecord:
+        """Upload an adapter as the prompt's next version; it answers once loaded and warmed."""
         await asyncio.to_thread(self.registry.get, name)
         read_adapter_config(Path(adapter_path), self.settings.max_lora_rank)
         async with self._lock:
             version = await self._add_adapter_locked(name, Path(adapter_path))
             self.refresh_gauge()
-            return version
+        return await asyncio.to_thread(self.registry.get_version, name, version)
 
     async def _add_adapter_locked(self, name: str, source: Path) -> int:
         record = await asyncio.to_thread(self.registry.get, name)
-        version = await asyncio.to_thread(self.registry.add_version, name, "loading", "upload",
-                                          self.store.highest_version(name))
+        version = await asyncio.to_thread(self.registry.allocate_version, name, "loading", "upload", self.store)
         self.refresh_gauge()
         model_id = adapter_model_id(name, version)
         started = time.monotonic()
@@ -310,7 +320,7 @@ class PromptService:
         for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
             await self.engine.unload_adapter(model_id)
         versions: list[int] = []
-        with contextlib.suppress(NotFound):
+        with contextlib.suppress(NotFoundError):
             record = await asyncio.to_thread(self.registry.delete, name)
             versions = [v.version for v in record.versions]
         await asyncio.to_thread(self.store.remove_prompt, name, versions)
@@ -325,8 +335,7 @@ class PromptService:
             name=record.name, kind=template.kind, template=record.template, slots=list(template.slots),
             examples=record.examples, status=record.status,
             active_version=active.version if active else None,
-            versions=[VersionOut(version=v.version, status=v.status, source=v.source,  # type: ignore[arg-type]
-                                 created=v.created, manifest=v.manifest, error=v.error) for v in record.versions],
+            versions=[version_out(v) for v in record.versions],
             job=job_out(job) if job else None,
             created=record.created,
         )

@@ -1,9 +1,14 @@
-"""PromptRegistry: persistent prompts, adapter versions and training jobs (SQLAlchemy)."""
+"""PromptRegistry: persistent prompts, adapter versions and training jobs (SQLAlchemy).
+
+The data layer: it raises the system's own errors (`core.errors`), which the gateway maps to HTTP in
+one place, and it is the one place where adapter version numbers are made.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,20 +18,22 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from gateway.errors import Conflict, NotFound
+from core.adapter_store import AdapterStore
+from core.errors import ConflictError, InvalidInput, NotFoundError
 from gateway.registry.db import (
     AdapterVersionRow,
-    Base,
     PromptRow,
     RunnerLeaseRow,
     TrainJobRow,
     enable_sqlite_foreign_keys,
     utcnow,
 )
+from gateway.registry.migrate import Migration, upgrade_to_head
 
 PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 VERSION_STATUSES = ("training", "loading", "ready", "failed")
 JOB_ACTIVE = ("queued", "running")
+VERSION_ATTEMPTS = 100  # each failed attempt means another writer took a number: progress, not a stall
 
 
 @dataclass(frozen=True)
@@ -92,23 +99,25 @@ def _prompt(row: PromptRow) -> PromptRecord:
 
 
 def check_prompt_name(name: str) -> None:
-    from gateway.errors import Unprocessable
-
     if not PROMPT_NAME.fullmatch(name):
-        raise Unprocessable(
+        raise InvalidInput(
             "a prompt name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
             param="name", code="invalid_name")
 
 
 class PromptRegistry:
-    """The registry's only door to the database; every method is one short transaction."""
+    """The registry's only door to the database; every method is one short transaction.
+
+    Opening it brings the schema to the newest migration (under a lock), so every process that uses
+    the database, gateway replica or test, sees the same tables.
+    """
 
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url, pool_pre_ping=True)
         enable_sqlite_foreign_keys(self.engine)
-        Base.metadata.create_all(self.engine)
+        self.migration: Migration = upgrade_to_head(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -124,8 +133,14 @@ class PromptRegistry:
             .options(selectinload(PromptRow.versions), selectinload(PromptRow.jobs))
         ).first()
         if row is None:
-            raise NotFound(f"prompt '{name}' is not registered", param="name", code="prompt_not_found")
+            raise NotFoundError(f"prompt '{name}' is not registered", param="name", code="prompt_not_found")
         return row
+
+    def _prompt_id(self, s: Session, name: str) -> int:
+        prompt_id = s.scalar(select(PromptRow.id).where(PromptRow.name == name))
+        if prompt_id is None:
+            raise NotFoundError(f"prompt '{name}' is not registered", param="name", code="prompt_not_found")
+        return prompt_id
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -137,7 +152,7 @@ class PromptRegistry:
             try:
                 s.commit()
             except IntegrityError as exc:
-                raise Conflict(f"prompt '{name}' already exists", param="name", code="prompt_exists") from exc
+                raise ConflictError(f"prompt '{name}' already exists", param="name", code="prompt_exists") from exc
             return self.get(name)
 
     def get(self, name: str) -> PromptRecord:
@@ -162,22 +177,54 @@ class PromptRegistry:
 
     # -- adapter versions ----------------------------------------------------------------------
 
+    def allocate_version(self, name: str, status: str, source: str, store: AdapterStore | None = None) -> int:
+        """Insert a prompt's next version and return its number: above every version in the database and
+        every `v<N>` folder in the adapter store (the trainer's CLI writes some outside the registry)."""
+        return self._insert_next_version(name, status, source,
+                                         (lambda: store.highest_version(name)) if store is not None else (lambda: 0))
+
     def add_version(self, name: str, status: str, source: str, after: int = 0) -> int:
-        """Reserve the next version number of a prompt, above `after` (folders already on disk)."""
+        """`allocate_version` with the store's highest folder given as a number (the job runner's call)."""
+        return self._insert_next_version(name, status, source, lambda: after)
+
+    def _insert_next_version(self, name: str, status: str, source: str, on_disk: Callable[[], int]) -> int:
+        """Two writers that pick the same number collide on the (prompt, version) unique constraint: the
+        loser rolls back and takes the next number, so concurrent uploads and trainings never clash."""
+        for _ in range(VERSION_ATTEMPTS):
+            floor = on_disk()
+            with self._session() as s:
+                prompt_id = self._prompt_id(s, name)
+                highest = s.scalar(select(func.max(AdapterVersionRow.version))
+                                   .where(AdapterVersionRow.prompt_id == prompt_id))
+                number = max(floor, highest or 0) + 1
+                s.add(AdapterVersionRow(prompt_id=prompt_id, version=number, status=status, source=source,
+                                        created_at=utcnow()))
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()  # taken meanwhile (or the prompt deleted: the next look-up says so)
+                    continue
+                return number
+        raise ConflictError(f"no free version number for '{name}' after {VERSION_ATTEMPTS} attempts",
+                            param="name", code="version_conflict")
+
+    def get_version(self, name: str, version: int) -> VersionRecord:
         with self._session() as s:
-            row = self._load(s, name)
-            number = max([after, *(v.version for v in row.versions)]) + 1
-            s.add(AdapterVersionRow(prompt_id=row.id, version=number, status=status, source=source,
-                                    created_at=utcnow()))
-            s.commit()
-            return number
+            row = s.scalars(
+                select(AdapterVersionRow).join(PromptRow)
+                .where(PromptRow.name == name, AdapterVersionRow.version == version)
+            ).first()
+            if row is None:
+                self._prompt_id(s, name)
+                raise NotFoundError(f"prompt '{name}' has no version {version}", code="version_not_found")
+            return _version(row)
 
     def update_version(self, name: str, version: int, **changes: Any) -> None:
         with self._session() as s:
             row = self._load(s, name)
             match = next((v for v in row.versions if v.version == version), None)
             if match is None:
-                raise NotFound(f"prompt '{name}' has no version {version}", code="version_not_found")
+                raise NotFoundError(f"prompt '{name}' has no version {version}", code="version_not_found")
             for key, value in changes.items():
                 setattr(match, key, value)
             s.commit()

@@ -1,0 +1,1 @@
+"""One module per schema revision, oldest first (`v<revision>_<slug>.py`)."""
