@@ -3,15 +3,18 @@ gateway's bare query, token for token."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from core.templates import bare_query_messages, parse_template
 from tests.trainer_fixtures import EXAMPLES, smollm_dir, tiny_messages, tiny_rows, tiny_tokenizer, trainer_tiny_model
 from trainer.dataset import StageBuilder, prompt_text
+from trainer.loop import lr_scheduler
 from trainer.schedule import ProgressiveSchedule, ScheduleError, Stage, preset, schedule_from_overrides
 
 __all__ = ["smollm_dir", "tiny_tokenizer", "trainer_tiny_model"]
@@ -152,3 +155,37 @@ def test_schedule_from_a_rest_train_object() -> None:
         schedule_from_overrides({"stepz": 3})
     with pytest.raises(ScheduleError, match="unknown schedule"):
         schedule_from_overrides({"preset": "magic"})
+
+
+def documented_lr_factor(schedule: ProgressiveSchedule, total_steps: int, step: int) -> float:
+    """The curve the schedule's fields describe, written out: the reference for transformers' schedulers."""
+    warmup = min(schedule.warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule.lr_scheduler == "constant" or total_steps <= warmup + 1:
+        return 1.0
+    progress = (step - warmup) / (total_steps - warmup - 1)
+    low = schedule.min_lr_ratio
+    if schedule.lr_scheduler == "linear":
+        return 1.0 - (1.0 - low) * progress
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,total,low", [(10, 160, 0.1), (0, 5, 0.0), (3, 4, 0.5), (50, 11, 0.1), (2, 1, 0.1),
+                                              (4, 30, 1.0)])
+def test_learning_rate_per_step_follows_the_documented_curve(kind: Any, warmup: int, total: int, low: float) -> None:
+    schedule = ProgressiveSchedule(lr_scheduler=kind, warmup_steps=warmup, min_lr_ratio=low, learning_rate=2e-3)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=schedule.learning_rate)
+    scheduler = lr_scheduler(optimizer, schedule, total)
+    used = []
+    for _ in range(total):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [schedule.learning_rate * documented_lr_factor(schedule, total, i) for i in range(total)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert used[0] == pytest.approx(schedule.learning_rate / (min(warmup, total - 1) + 1))  # never a step at lr 0
+    if kind != "constant" and total > warmup + 1:
+        assert used[-1] == pytest.approx(schedule.learning_rate * low)  # the floor, at the last update

@@ -9,15 +9,20 @@ cost of long prompts.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import (
+    DynamicCache,
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+)
 
 from trainer.dataset import Encoded
 from trainer.schedule import ProgressiveSchedule, Stage
@@ -115,21 +120,24 @@ def micro_loss_sum(model: Any, items: Sequence[Encoded], pad_id: int) -> torch.T
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="sum")
 
 
-def lr_factor(schedule: ProgressiveSchedule, total_steps: int) -> Callable[[int], float]:
-    warmup = min(schedule.warmup_steps, max(total_steps - 1, 0))
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: ProgressiveSchedule, total_steps: int) -> LambdaLR:
+    """transformers' scheduler for the schedule's curve, one optimiser update per step.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule.lr_scheduler == "constant" or total_steps <= warmup + 1:
-            return 1.0
-        progress = (step - warmup) / (total_steps - warmup - 1)
-        low = schedule.min_lr_ratio
-        if schedule.lr_scheduler == "linear":
-            return 1.0 - (1.0 - low) * progress
-        return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    Warm-up rises linearly to the peak over `warmup_steps` updates, starting at lr / (warmup + 1) rather
+    than at 0 (transformers' convention spends the first update at lr 0): the scheduler starts one step
+    in (`last_epoch=0`). The decay then reaches `min_lr_ratio` of the peak exactly at the last update.
+    """
+    warmup = min(schedule.warmup_steps, max(total_steps - 1, 0)) + 1  # counted from the shifted start
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler started at last_epoch=0 decays from
+    low = schedule.min_lr_ratio
+    if schedule.lr_scheduler == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total_steps, min_lr_rate=low, last_epoch=0)
+    if schedule.lr_scheduler == "linear" and total_steps > warmup and low < 1.0:
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, warmup, total_steps, lr_end=schedule.learning_rate * low, power=1.0, last_epoch=0)
+    return get_constant_schedule_with_warmup(optimizer, warmup, last_epoch=0)
 
 
 def train_stages(
@@ -156,7 +164,7 @@ def train_stages(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.learning_rate, weight_decay=schedule.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, total_steps))
+    scheduler = lr_scheduler(optimizer, schedule, total_steps)
     model.train()
     results: list[StageResult] = []
     done_cost, global_step, started = 0, 0, time.monotonic()
