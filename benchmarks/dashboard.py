@@ -7,7 +7,6 @@ without a Prometheus URL first builds a small stack (gateway, Prometheus, a mixe
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import prometheus as prom
+from benchmarks.deploy import DeployFiles
 from core.config import Settings
 
 DEFAULT_OUT = Path("results/dashboard.png")
@@ -56,8 +56,8 @@ class Panel:
     targets: tuple[Target, ...]
 
 
-def load_panels(path: Path = prom.DASHBOARD) -> dict[str, Panel]:
-    """The dashboard's panels by title (rows' nested panels included)."""
+def load_panels(path: Path) -> dict[str, Panel]:
+    """The panels of a dashboard JSON by title (rows' nested panels included)."""
     found: dict[str, Panel] = {}
 
     def walk(nodes: list[Any]) -> None:
@@ -182,16 +182,17 @@ def _graph(ax: Any, panel: Panel, frame: Frame) -> None:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", color="#999999", transform=ax.transAxes)
 
 
-def render(prometheus_url: str, out: Path, window: str = "5m", *, prompt: str = ".+",
-           rate_interval: str | None = None, end: float | None = None, subtitle: str = "") -> Path:
+def render(prometheus_url: str, out: Path, window: str = "5m", *, deploy: DeployFiles = DeployFiles(),
+           prompt: str = ".+", rate_interval: str | None = None, end: float | None = None, subtitle: str = "") -> Path:
     """Draw the cost dashboard's main panels over the last `window` into a PNG at `out`; returns `out`.
 
+    The panels are read from `deploy`'s dashboard file (default: `deploy/` in the working directory).
     `$__rate_interval` follows Grafana (max of 4 scrape intervals and step + 1 scrape interval)
     unless `rate_interval` is given; `prompt` is the regex of the dashboard's Prompt variable.
     """
     from matplotlib.figure import Figure  # drawn by Agg on savefig; no pyplot, no global backend
 
-    panels = load_panels()
+    panels = load_panels(deploy.checked().dashboard)
     end = time.time() if end is None else end
     span = prom.parse_duration(window)
     scrape = prom.scrape_interval_seconds(prometheus_url)
@@ -221,17 +222,18 @@ def render(prometheus_url: str, out: Path, window: str = "5m", *, prompt: str = 
 
 
 def run(settings: Settings, out: Path = DEFAULT_OUT, *, prometheus_url: str | None = None, window: str = "5m",
-        duration: float = 45.0, model_path: Path | None = None) -> Path:
+        duration: float = 45.0, model_path: Path | None = None, deploy: DeployFiles = DeployFiles()) -> Path:
     """Render from a running Prometheus, or, without a URL, from a demo stack fed for `duration` seconds.
 
     The demo stack is the embedded gateway on `model_path` (default: the base model), Prometheus
-    scraping it every second with the repo's rules, and `benchmarks.workload`'s mixed traffic.
+    scraping it every second with `deploy`'s rules, and `benchmarks.workload`'s mixed traffic.
     """
+    deploy.checked()
     if prometheus_url:
-        return render(prometheus_url, out, window)
+        return render(prometheus_url, out, window, deploy=deploy)
     from benchmarks.workload import demo_stack
 
-    with demo_stack(settings, model_path) as stack:
+    with demo_stack(settings, model_path, deploy) as stack:
         started = time.time()
         sent = stack.drive(duration)
         done = prom.wait_for_scrapes(stack.prometheus_url, 1, job=prom.GATEWAY_JOB)
@@ -239,24 +241,6 @@ def run(settings: Settings, out: Path = DEFAULT_OUT, *, prometheus_url: str | No
         span = f"{math.ceil(time.time() - started) + 5}s"
         model = settings.served_model_name if model_path is None else model_path.name
         print(f"[bench dashboard] {sent} requests in {duration:.0f} s; drawing {out}", flush=True)
-        return render(stack.prometheus_url, out, span, rate_interval="15s",
+        return render(stack.prometheus_url, out, span, deploy=deploy, rate_interval="15s",
                       subtitle=f"demo: {sent} requests of up to 4 tokens, {model} on the embedded engine, "
                                f"input price ${settings.price_input_per_1k:g} / 1K tokens")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m benchmarks.dashboard [--prometheus-url URL] [--out PNG] [--duration S] [--window 5m]`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--prometheus-url", help="draw from this Prometheus; default: start a demo stack")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG to write (default {DEFAULT_OUT})")
-    parser.add_argument("--window", default="5m", help="time range drawn from --prometheus-url (default 5m)")
-    parser.add_argument("--duration", type=float, default=45.0, help="demo workload in seconds (default 45)")
-    parser.add_argument("--model", type=Path, help="demo: a local HF model folder (default: the base model)")
-    args = parser.parse_args(argv)
-    path = run(Settings(), args.out, prometheus_url=args.prometheus_url, window=args.window,
-               duration=args.duration, model_path=args.model)
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.latency import percentile
 from core.basemodel import base_model_dir
-from trainer.lora import random_lora
 from core.config import Settings
+from core.templates import bare_query_messages
 from gateway.engines.base import Engine, EngineRequest, SamplingParams, Usage
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.engines.vllm import VLLMEngine
 from gateway.local_server import free_port
-from core.templates import bare_query_messages
 from gateway.vllm_server import VLLMProcess, vllm_python
+from trainer.lora import random_lora
 
 ADAPTER = "bench@v1"
 
@@ -82,9 +83,8 @@ async def _measure(engine: Engine, label: str, caching: str, full: list[Any], ba
         for concurrency in (1, 8):
             progress(f"{label} ({caching}): {workload}, concurrency {concurrency}, {len(batches)} requests")
             latencies, wall, tokens = await _run(engine, batches, adapter, concurrency, max_tokens)
-            ordered = sorted(latencies)
             rows.append(Row(label, caching, workload, concurrency, tokens, statistics.median(latencies),
-                            ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], len(batches) / wall))
+                            percentile(latencies, 0.95), len(batches) / wall))
 
 
 def run(settings: Settings, requests: int = 16, max_tokens: int = 16, fast_start: bool = False,

@@ -16,12 +16,13 @@ from typing import Any
 
 import httpx
 
+from benchmarks.latency import percentile
 from core.basemodel import base_model_dir
-from trainer.lora import random_lora
 from core.config import Settings
+from core.templates import bare_query_messages, parse_template
 from gateway.engines.base import EngineRequest, SamplingParams
 from gateway.local_server import LocalGateway, free_port
-from core.templates import bare_query_messages, parse_template
+from trainer.lora import random_lora
 
 INSTRUCTIONS = "You translate requests into one bash command. Answer with the command only."
 SHOTS = [("list files in the current directory", "ls"), ("show the current working directory", "pwd"),
@@ -31,11 +32,6 @@ TEMPLATE = [
     {"role": "user", "content": "Input: {query}\nOutput:"},
 ]
 QUERY = "find all python files under src"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(settings: Settings, requests: int = 40) -> dict[str, Any]:
@@ -117,7 +113,7 @@ def _print(rows: dict[str, Any], requests: int) -> None:
     times = rows["times"]
 
     def ms(values: list[float]) -> tuple[float, float]:
-        return statistics.median(values) * 1000, _pct(values, 0.95) * 1000
+        return statistics.median(values) * 1000, percentile(values, 0.95) * 1000
 
     print(f"\nGateway added latency, embedded engine, 1 generated token, {requests} interleaved rounds")
     print(f"{'condition':<44}{'median ms':>12}{'p95 ms':>10}")

@@ -14,8 +14,9 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from gateway.matcher import Matcher
+from benchmarks.latency import percentile
 from core.templates import PromptTemplate, escape, parse_template
+from gateway.matcher import Matcher
 
 CHARS_PER_TOKEN = 4
 _WORDS = (
@@ -79,9 +80,7 @@ def _time_us(matcher: Matcher, request: list[tuple[str, str]], repeats: int) -> 
         start = time.perf_counter_ns()
         matcher.match_chat(request)
         samples.append(time.perf_counter_ns() - start)
-    samples.sort()
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return statistics.median(samples) / 1000, p99 / 1000, hit
+    return statistics.median(samples) / 1000, percentile(samples, 0.99) / 1000, hit
 
 
 def run(counts: Sequence[int] = (10, 1000, 10000), request_tokens: int = 2000, repeats: int = 2000) -> list[dict]:

@@ -3,7 +3,8 @@
 The dashboard picture and the tests use it to read the deploy files' PromQL against live metrics:
 the recording rules and the dashboard's panels are checked, and drawn, as Prometheus computes them.
 Needs the `prometheus` binary (Debian's package `prometheus`); `prometheus_binary()` is None
-without it. The deploy files are read from the source checkout (`deploy/`).
+without it. The deploy files are read from a `deploy/` folder named by the caller (`DeployFiles`:
+`--deploy-dir`, or `deploy` in the working directory), never found relative to this module.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Any
 
 import yaml
 
+from benchmarks.deploy import DeployFiles
+from benchmarks.errors import BenchInputError
 from gateway.local_server import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
-DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "promptintern-cost.json"
 GATEWAY_JOB = "promptintern-gateway"
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
 
@@ -41,12 +41,6 @@ GRAFANA_DEFAULTS = {
     "__range_ms": "3600000",
 }
 
-__all__ = [
-    "DASHBOARD", "GATEWAY_JOB", "GRAFANA_DEFAULTS", "INSTALL_HINT", "REPO", "RULES_DIR", "PrometheusHandle",
-    "api_get", "dashboard_expressions", "free_port", "parse_duration", "prometheus_binary", "query", "query_range",
-    "rule_expressions", "rule_names", "scrape_interval_seconds", "start_prometheus", "substitute", "values",
-    "wait_for_scrapes", "write_config",
-]
 
 
 def prometheus_binary() -> str | None:
@@ -104,16 +98,11 @@ class PrometheusHandle:
         self.stop()
 
 
-def write_config(
-    path: Path,
-    jobs: dict[str, list[str]],
-    scrape_interval: str = "1s",
-    rule_files: list[str] | None = None,
-) -> Path:
-    """A Prometheus config scraping `jobs` (job name -> host:port targets) with the repo's rules."""
+def write_config(path: Path, jobs: dict[str, list[str]], rule_files: list[str], scrape_interval: str = "1s") -> Path:
+    """A Prometheus config scraping `jobs` (job name -> host:port targets), evaluating `rule_files` (globs)."""
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "rule_files": rule_files if rule_files is not None else [str(RULES_DIR / "*.yml")],
+        "rule_files": rule_files,
         "scrape_configs": [
             {"job_name": job, "scrape_timeout": scrape_interval, "static_configs": [{"targets": targets}]}
             for job, targets in jobs.items()
@@ -131,13 +120,14 @@ def start_prometheus(
     job: str = GATEWAY_JOB,
     extra_jobs: dict[str, list[str]] | None = None,
     scrape_self: bool = False,
-    rule_files: list[str] | None = None,
+    deploy: DeployFiles = DeployFiles(),
     timeout: float = 60.0,
 ) -> PrometheusHandle:
     """Start Prometheus on a free loopback port, scraping `targets` as `job`; wait until it is ready.
 
-    `extra_jobs` adds more jobs (e.g. {"vllm": ["127.0.0.1:8100"]}); `scrape_self` adds a job
-    "prometheus" scraping this Prometheus's own /metrics. Stop it with `.stop()` (or `with`).
+    It evaluates the rules of `deploy` (default: `deploy/` in the working directory). `extra_jobs`
+    adds more jobs (e.g. {"vllm": ["127.0.0.1:8100"]}); `scrape_self` adds a job "prometheus"
+    scraping this Prometheus's own /metrics. Stop it with `.stop()` (or `with`).
     """
     jobs: dict[str, list[str]] = {}
     if targets:
@@ -147,9 +137,10 @@ def start_prometheus(
     for job_targets in jobs.values():
         for target in job_targets:
             _check_loopback(target)
+    rule_files = [str(deploy.checked().rules_dir / "*.yml")]
     binary = prometheus_binary()
     if binary is None:
-        raise FileNotFoundError(f"no prometheus binary: {INSTALL_HINT}")
+        raise BenchInputError(f"no prometheus binary: {INSTALL_HINT}")
 
     workdir = Path(tmp_path) / f"prometheus-{free_port()}"
     workdir.mkdir(parents=True)
@@ -160,7 +151,7 @@ def start_prometheus(
         all_jobs = dict(jobs)
         if scrape_self:
             all_jobs["prometheus"] = [address]
-        config_path = write_config(workdir / "prometheus.yml", all_jobs, scrape_interval, rule_files)
+        config_path = write_config(workdir / "prometheus.yml", all_jobs, rule_files, scrape_interval)
         log_path = workdir / f"prometheus-{port}.log"
         log = log_path.open("wb")
         process = subprocess.Popen(
@@ -317,9 +308,7 @@ def _exprs(node: Any) -> list[str]:
     return found
 
 
-def dashboard_expressions(
-    path: Path = DASHBOARD, variables: dict[str, str] | None = None, default: str = ".+"
-) -> list[str]:
+def dashboard_expressions(path: Path, variables: dict[str, str] | None = None, default: str = ".+") -> list[str]:
     """Every panel query (`targets[].expr`, rows included) of a dashboard JSON, as plain PromQL.
 
     `$__rate_interval`, `$__interval` and `$__range` become fixed durations; template variables
@@ -339,11 +328,11 @@ def _rules(path: Path) -> list[dict[str, Any]]:
     return rules
 
 
-def rule_expressions(path: Path = RULES_DIR) -> list[str]:
+def rule_expressions(path: Path) -> list[str]:
     """The `expr` of every recording and alerting rule in a rules file (or in every *.yml of a folder)."""
     return [rule["expr"] for rule in _rules(path)]
 
 
-def rule_names(path: Path = RULES_DIR) -> list[str]:
+def rule_names(path: Path) -> list[str]:
     """The names of every recording rule (`record`) and alert (`alert`), in file order."""
     return [rule.get("record") or rule["alert"] for rule in _rules(path)]

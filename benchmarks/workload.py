@@ -8,6 +8,7 @@ third of the way in) and unmatched chat requests, sent one after another. Answer
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import threading
 import time
@@ -20,11 +21,12 @@ from typing import Any
 
 import httpx
 
-from core.basemodel import base_model_dir
 from benchmarks import prometheus as prom
-from trainer.lora import random_lora
+from benchmarks.deploy import DeployFiles
+from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway.local_server import LocalGateway, free_port
+from trainer.lora import random_lora
 
 BASH_SHOTS = (("list files in the current directory", "ls"), ("show the current working directory", "pwd"),
               ("count lines in file.txt", "wc -l file.txt"), ("show disk usage of /var", "du -sh /var"),
@@ -109,8 +111,10 @@ class DemoStack:
 
 
 @contextmanager
-def demo_stack(settings: Settings, model_path: Path | None = None) -> Iterator[DemoStack]:
-    """The gateway on `model_path` (default: the base model) with two prompts, and Prometheus scraping it."""
+def demo_stack(settings: Settings, model_path: Path | None = None,
+               deploy: DeployFiles = DeployFiles()) -> Iterator[DemoStack]:
+    """The gateway on `model_path` (default: the base model) with two prompts, and Prometheus scraping it
+    with `deploy`'s rules."""
     model = model_path or base_model_dir(settings)
     with tempfile.TemporaryDirectory(prefix="promptintern-demo-") as tmp, ExitStack() as stack:
         root = Path(tmp)
@@ -119,13 +123,13 @@ def demo_stack(settings: Settings, model_path: Path | None = None) -> Iterator[D
         sql_adapter = random_lora(model, root / "sql-lora", seed=2, scale=0.3)
         demo = settings.model_copy(update={
             "data_dir": root / "data", "adapter_dir": root / "adapters", "base_model": model,
-            "admin_key": "demo", "port": free_port(), "host": "127.0.0.1", "api_keys": []})
+            "admin_key": secrets.token_urlsafe(24), "port": free_port(), "host": "127.0.0.1", "api_keys": []})
         gateway = stack.enter_context(LocalGateway(demo))
         with gateway.admin() as admin:
             admin.post("/v1/prompts", json={"name": "nl2bash", "messages": BASH,
                                             "adapter_path": str(bash_adapter)}).raise_for_status()
             admin.post("/v1/prompts", json={"name": "sql", "messages": SQL}).raise_for_status()
         target = gateway.url.removeprefix("http://")
-        prometheus = stack.enter_context(prom.start_prometheus(root, [target], "1s"))
+        prometheus = stack.enter_context(prom.start_prometheus(root, [target], "1s", deploy=deploy))
         prom.wait_for_scrapes(prometheus.url, 2, job=prom.GATEWAY_JOB)
         yield DemoStack(gateway, prometheus.url, sql_adapter)

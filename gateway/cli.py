@@ -135,49 +135,26 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         return _show(client.post("/v1/prompts", json=body))
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.target == "matcher":
-        from benchmarks import matcher as matcher_bench
-
-        matcher_bench.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
-        return 0
-    if args.target == "dashboard":
-        from benchmarks import dashboard
-
-        out = dashboard.run(_settings(), Path(args.out or "results/dashboard.png"), prometheus_url=args.prometheus_url,
-                            duration=args.duration)
-        print(f"dashboard picture: {out}")
-        return 0
-    if args.target == "engines":
-        from benchmarks import engines as engines_bench
-
-        engines_bench.run(_settings(), requests=args.requests or 16, max_tokens=args.max_tokens or 16,
-                          fast_start=args.fast_start, skip_vllm=args.skip_vllm)
-        return 0
-    if args.target == "paper":
-        return _bench_paper(args)
-    from benchmarks import gateway as gateway_bench
-
-    gateway_bench.run(_settings(), requests=args.requests or 40)
-    return 0
+def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`promptintern bench ...` from the benchmarks package; where it is not installed, `bench` only says how to
+    install it, so the runtime never depends on the benchmarks."""
+    try:
+        from benchmarks.cli import add_bench_parser
+    except ImportError as exc:
+        if not (exc.name or "").startswith("benchmarks"):
+            raise
+        # "+" as the only prefix: every word after `bench`, --help included, reaches the hint below.
+        bench = sub.add_parser("bench", help="benchmarks (not installed: pip install -e .[bench])", prefix_chars="+",
+                               add_help=False)
+        bench.add_argument("words", nargs="*")
+        bench.set_defaults(func=_bench_not_installed)
+        return
+    add_bench_parser(sub)
 
 
-def _bench_paper(args: argparse.Namespace) -> int:
-    from benchmarks import paper
-
-    if args.rebuild:
-        paper.rebuild_report(Path(args.out or "results/paper"))
-        return 0
-    settings = _settings()
-    prices = paper.Prices(
-        settings.price_input_per_1k if args.price_input_per_1k is None else args.price_input_per_1k,
-        settings.price_output_per_1k if args.price_output_per_1k is None else args.price_output_per_1k)
-    options = paper.PaperOptions(
-        quick=args.quick, rows=args.requests, throughput_requests=args.throughput_requests,
-        max_new_tokens=args.max_tokens or 48, fast_start=args.fast_start, skip_vllm=args.skip_vllm,
-        out=Path(args.out or "results/paper"), prices=prices)
-    paper.run(settings, options)
-    return 0
+def _bench_not_installed(args: argparse.Namespace) -> int:
+    print("promptintern bench: the benchmarks are not installed: pip install -e .[bench]", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,44 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("adapter", help="PEFT LoRA folder")
     prompts.set_defaults(func=cmd_prompts)
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("target", choices=["matcher", "gateway", "engines", "dashboard", "paper"],
-                       help="matcher: detection time vs number of templates; "
-                            "gateway: added latency against calling the engine directly; "
-                            "engines: full prompt vs bare query on the embedded engine and vLLM; "
-                            "dashboard: draw the cost dashboard's main panels to a PNG; "
-                            "paper: the paper's table on NL2Bash (every row in one run) into a results folder")
-    bench.add_argument("--templates", type=int, nargs="+", default=[10, 1000, 10000],
-                       help="matcher: numbers of registered templates")
-    bench.add_argument("--request-tokens", type=int, default=2000, help="matcher: request size in tokens")
-    bench.add_argument("--repeats", type=int, default=2000, help="matcher: detections timed per row")
-    bench.add_argument("--requests", type=int, default=None,
-                       help="gateway: interleaved rounds (default 40); engines: requests per condition (default 16); "
-                            "paper: test rows per row of the table (default all 70; --quick 8)")
-    bench.add_argument("--max-tokens", type=int, default=None,
-                       help="engines: tokens generated per request (default 16); paper: most new tokens per answer "
-                            "(default 48; answers also stop at the first newline)")
-    bench.add_argument("--fast-start", action="store_true",
-                       help="engines, paper: start vLLM in eager mode (starts in seconds, serves slower)")
-    bench.add_argument("--skip-vllm", action="store_true", help="engines, paper: embedded engine only")
-    bench.add_argument("--out", default=None,
-                       help="dashboard: the PNG to write (default results/dashboard.png); "
-                            "paper: the results folder (default results/paper)")
-    bench.add_argument("--prometheus-url", help="dashboard: draw from this Prometheus instead of a demo stack "
-                                                "(gateway + Prometheus + mixed traffic started here)")
-    bench.add_argument("--duration", type=float, default=45.0, help="dashboard: seconds of demo traffic")
-    bench.add_argument("--quick", action="store_true",
-                       help="paper: the same pipeline on the first 8 test rows, 8 requests at concurrency 8, "
-                            "vLLM in eager mode (under 10 minutes when the adapters are cached)")
-    bench.add_argument("--throughput-requests", type=int, default=None,
-                       help="paper: requests per row at concurrency 8 (default 32; --quick 8)")
-    bench.add_argument("--price-input-per-1k", type=float, default=None,
-                       help="paper: USD per 1,000 input tokens (default PROMPTINTERN_PRICE_INPUT_PER_1K)")
-    bench.add_argument("--price-output-per-1k", type=float, default=None,
-                       help="paper: USD per 1,000 output tokens (default PROMPTINTERN_PRICE_OUTPUT_PER_1K)")
-    bench.add_argument("--rebuild", action="store_true",
-                       help="paper: re-render report.md, plots and readme_section.md from --out's paper.json")
-    bench.set_defaults(func=cmd_bench)
+    _add_bench_parser(sub)
 
     from trainer.cli import add_train_parser
 

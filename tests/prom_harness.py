@@ -1,4 +1,5 @@
-"""The tests' name for the Prometheus harness, which lives in the package (gateway/bench/prometheus.py)."""
+"""What the Prometheus tests share beyond the harness itself (`benchmarks.prometheus`): the checkout's deploy
+files, located from pytest's root rather than from a module's path, and the binary required."""
 
 from __future__ import annotations
 
@@ -6,37 +7,13 @@ import os
 
 import pytest
 
-from benchmarks.prometheus import (
-    DASHBOARD,
-    GATEWAY_JOB,
-    GRAFANA_DEFAULTS,
-    INSTALL_HINT,
-    REPO,
-    RULES_DIR,
-    PrometheusHandle,
-    api_get,
-    dashboard_expressions,
-    free_port,
-    parse_duration,
-    prometheus_binary,
-    query,
-    query_range,
-    rule_expressions,
-    rule_names,
-    scrape_interval_seconds,
-    start_prometheus,
-    substitute,
-    values,
-    wait_for_scrapes,
-    write_config,
-)
+from benchmarks.deploy import DeployFiles
+from benchmarks.prometheus import INSTALL_HINT, prometheus_binary
 
-__all__ = [
-    "DASHBOARD", "GATEWAY_JOB", "GRAFANA_DEFAULTS", "INSTALL_HINT", "REPO", "RULES_DIR", "PrometheusHandle", "api_get",
-    "dashboard_expressions", "free_port", "parse_duration", "prometheus_binary", "query", "query_range",
-    "require_prometheus", "rule_expressions", "rule_names", "scrape_interval_seconds", "start_prometheus",
-    "substitute", "values", "wait_for_scrapes", "write_config",
-]
+
+def deploy_files(config: pytest.Config) -> DeployFiles:
+    """The deploy files of the checkout under test (`deploy/` at pytest's root directory)."""
+    return DeployFiles(config.rootpath / "deploy").checked()
 
 
 def require_prometheus() -> str:

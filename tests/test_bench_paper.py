@@ -5,33 +5,26 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.paper import CompressedTemplate, PaperOptions, build_inputs, input_key
-from benchmarks.paper_report import (
-    CONDITIONS,
-    FIGURE_KEYS,
-    PAPER_HEADLINE,
-    ROW_IDS,
-    Condition,
-    Measurement,
-    Prices,
-    bootstrap_bleu,
-    paper_document,
-    percentile,
-    project_seconds,
-    ratios,
-    render_readme_section,
-    render_report,
-    table_rows,
-    write_plots,
-)
-from gateway.cli import build_parser
+from benchmarks.latency import percentile
+from benchmarks.paper.conditions import CONDITIONS, ROW_IDS, Condition, Measurement, Prices
+from benchmarks.paper.inputs import CompressedTemplate, build_inputs, input_key
+from benchmarks.paper.options import PaperOptions
+from benchmarks.paper.plots import write_plots
+from benchmarks.paper.report import render_readme_section, render_report
+from benchmarks.paper.run import rebuild_report
+from benchmarks.paper.scoring import bootstrap_bleu
+from benchmarks.paper.table import FIGURE_KEYS, PAPER_HEADLINE, paper_document, project_seconds, ratios, table_rows
 from core.templates import parse_template
+from gateway.cli import build_parser
 
 PRICES = Prices(input_per_1k=0.00015, output_per_1k=0.0006)
 # Synthetic figures per row: (input tokens, output tokens, median latency s, BLEU, EM %, training s).
@@ -103,11 +96,23 @@ def test_projection_scales_rows_and_keeps_overhead() -> None:
         90.0 + statistics.fmean(m.latencies_s) * 72 + 32 / 0.5)
 
 
-def test_percentile_is_nearest_rank() -> None:
+def test_percentile_is_an_observed_value_at_or_above_the_rank() -> None:
     values = [float(i) for i in range(1, 21)]
     assert percentile(values, 0.95) == 20.0
     assert percentile(values, 0.5) == 11.0
     assert percentile([3.0], 0.95) == 3.0
+    with pytest.raises(ValueError):
+        percentile([], 0.95)
+
+
+def test_percentile_gives_the_figures_earlier_results_were_computed_with() -> None:
+    """numpy's "higher" method against the nearest-rank rule the benchmarks used before (p50, p95, p99)."""
+    rng = random.Random(7)
+    for n in range(1, 400):
+        values = [rng.lognormvariate(0, 1) for _ in range(n)]
+        ordered = sorted(values)
+        for q in (0.5, 0.95, 0.99):
+            assert percentile(values, q) == ordered[min(n - 1, int(q * n))], (n, q)
 
 
 def test_rows_have_every_id_and_key_with_nulls_where_not_applicable(rows: list[dict[str, Any]]) -> None:
@@ -172,12 +177,10 @@ def test_readme_section_names_date_machine_and_command(doc: dict[str, Any]) -> N
     assert "(results/paper/latency.png)" in text and "(results/paper/paper.json)" in text
 
 
-def test_readme_carries_a_committed_runs_section_verbatim() -> None:
+def test_readme_carries_a_committed_runs_section_verbatim(request: pytest.FixtureRequest) -> None:
     """Every figure in the README's paper section comes from a run: the section is the results folder's
     generated readme_section.md, pasted whole."""
-    import re
-
-    root = Path(__file__).resolve().parent.parent
+    root = request.config.rootpath
     readme = (root / "README.md").read_text()
     found = re.search(r"Full report: \[(docs/[\w.-]+)/report\.md\]", readme)
     assert found, "the README names no committed report under docs/"
@@ -190,6 +193,19 @@ def test_readme_carries_a_committed_runs_section_verbatim() -> None:
         assert (folder / name).is_file()
 
 
+@pytest.mark.parametrize("folder", ["docs/paper-full", "docs/paper-quick"])
+def test_rebuild_reproduces_the_committed_reports(folder: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed report and README section are exactly what `--rebuild` renders from their paper.json."""
+    committed = request.config.rootpath / folder
+    copy = tmp_path / folder
+    shutil.copytree(committed, copy)
+    monkeypatch.chdir(tmp_path)  # the README section names the folder as it was given
+    rebuild_report(Path(folder))
+    for name in ("report.md", "readme_section.md"):
+        assert (copy / name).read_text() == (committed / name).read_text(), name
+
+
 def test_plots_are_written(doc: dict[str, Any], tmp_path: Path) -> None:
     paths = write_plots(doc, tmp_path)
     assert [p.name for p in paths] == ["quality_vs_tokens.png", "latency.png"]
@@ -197,14 +213,24 @@ def test_plots_are_written(doc: dict[str, Any], tmp_path: Path) -> None:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bootstrap_interval_contains_the_corpus_score() -> None:
+def test_bootstrap_interval_is_sacrebleus_and_holds_the_corpus_score() -> None:
+    from sacrebleu.metrics import BLEU
+
     from trainer.evaluate import score
 
-    preds = ["ls -l", "find . -name '*.py'", "du -sh", "wc -l a.txt", "pwd", "cat x"]
-    refs = [["ls -la"], ["find . -name '*.py'"], ["du -sh ."], ["wc -l a.txt"], ["pwd"], ["head x"]]
-    low, high = bootstrap_bleu(preds, refs, samples=50)
+    preds = ["ls -l", "find . -name '*.py'", "du -sh", "wc -l a.txt", "pwd", "cat x", "ls -a", "head -n 5 f"]
+    refs = [["ls -la"], ["find . -name '*.py'"], ["du -sh ."], ["wc -l a.txt"], ["pwd", "echo $PWD"], ["head x"],
+            ["ls -A"], ["head -n 5 f"]]
+    low, high = bootstrap_bleu(preds, refs)
+    assert not math.isnan(low) and low < high
     assert low <= score(preds, refs)["bleu"] <= high
-    assert not math.isnan(low)
+    assert bootstrap_bleu(preds, refs) == (low, high)  # seeded: a rerun gives the same interval
+    streams: list[list[str | None]] = [[r[0] for r in refs], [r[1] if len(r) > 1 else None for r in refs]]
+    expected = BLEU().corpus_score(preds, streams, n_bootstrap=1000)  # type: ignore[arg-type]
+    assert (low + high) / 2 == pytest.approx(expected._mean)
+    assert (high - low) / 2 == pytest.approx(expected._ci)
+    with pytest.raises(ValueError):
+        bootstrap_bleu(preds[:1], refs[:1])
 
 
 def test_options_quick_and_full() -> None:
@@ -242,8 +268,6 @@ def test_cli_parses_paper_and_rebuilds_from_json(doc: dict[str, Any], tmp_path: 
 
 
 def test_rebuild_adds_the_trainers_own_evaluation_when_the_key_matches(doc: dict[str, Any], tmp_path: Path) -> None:
-    from benchmarks.paper import rebuild_report
-
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     manifest = {"cache_key": "k" * 64, "evaluation": {
@@ -274,13 +298,13 @@ def _adapter_folder(root: Path, name: str, r: int, rank_pattern: dict[str, int] 
 
 
 def test_lora_slots_are_sized_to_the_largest_adapter_rank_vllm_accepts(tmp_path: Path) -> None:
-    from benchmarks.paper import lora_rank_limit
-    from gateway.engines.base import AdapterLoadError
+    from benchmarks.paper.adapters import lora_rank_limit
+    from core.errors import InvalidAdapter
 
     r4, r8 = _adapter_folder(tmp_path, "a", 4), _adapter_folder(tmp_path, "b", 8)
     assert lora_rank_limit([r4], 16) == 8  # vLLM has no rank-4 slots: the next size up
     assert lora_rank_limit([r4, r8], 16) == 8
     assert lora_rank_limit([r4, _adapter_folder(tmp_path, "c", 8, {"q_proj": 12})], 16) == 16
     assert lora_rank_limit([], 16) == 16
-    with pytest.raises(AdapterLoadError, match="exceeds"):
+    with pytest.raises(InvalidAdapter, match="exceeds"):
         lora_rank_limit([_adapter_folder(tmp_path, "d", 32)], 16)

@@ -20,10 +20,11 @@ import pytest
 
 from benchmarks import dashboard
 from benchmarks import prometheus as prom
-from trainer.lora import random_lora
+from benchmarks.deploy import DeployFiles
 from core.config import Settings
 from tests.conftest import LiveServer, gateway_settings
-from tests.prom_harness import require_prometheus
+from tests.prom_harness import deploy_files, require_prometheus
+from trainer.lora import random_lora
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHELL = [  # registered with an adapter: the adapter route
@@ -102,7 +103,12 @@ def _send_traffic(seen: Observed) -> None:
 
 
 @pytest.fixture(scope="module")
-def observed(tiny_model_path: Path, module_tmp: Path) -> Iterator[Observed]:
+def deploy(request: pytest.FixtureRequest) -> DeployFiles:
+    return deploy_files(request.config)
+
+
+@pytest.fixture(scope="module")
+def observed(tiny_model_path: Path, module_tmp: Path, deploy: DeployFiles) -> Iterator[Observed]:
     require_prometheus()
     adapter = random_lora(tiny_model_path, module_tmp / "shell-lora", seed=21, scale=20.0)
     with LiveServer(gateway_settings(module_tmp, tiny_model_path)) as server:
@@ -111,7 +117,7 @@ def observed(tiny_model_path: Path, module_tmp: Path) -> Iterator[Observed]:
             assert r.status_code == 201 and r.json()["status"] == "ready", r.text
             assert admin.post("/v1/prompts", json={"name": "sql", "messages": SQL}).status_code == 201
         target = server.url.removeprefix("http://")
-        with prom.start_prometheus(module_tmp, [target], "1s") as prometheus:
+        with prom.start_prometheus(module_tmp, [target], "1s", deploy=deploy) as prometheus:
             prom.wait_for_scrapes(prometheus.url, 2, job=prom.GATEWAY_JOB)
             seen = Observed(server, prometheus.url, started=time.time())
             _send_traffic(seen)
@@ -138,9 +144,9 @@ def _by(url: str, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
             for item in prom.query(url, expr)}
 
 
-def test_every_dashboard_query_returns_data(observed: Observed) -> None:
+def test_every_dashboard_query_returns_data(observed: Observed, deploy: DeployFiles) -> None:
     variables = {"__rate_interval": RATE_INTERVAL, "__range": "5m"}
-    exprs = prom.dashboard_expressions(variables=variables)
+    exprs = prom.dashboard_expressions(deploy.dashboard, variables)
     assert len(exprs) >= 20
     empty, vllm = [], []
     for expr in exprs:
@@ -152,14 +158,15 @@ def test_every_dashboard_query_returns_data(observed: Observed) -> None:
     assert empty == []
     assert vllm and all(result == [] for _expr, result in vllm)
     # The per-prompt panels, with the Prompt selector on one prompt.
-    one = [e for e in prom.dashboard_expressions(variables={**variables, "prompt": "shell"})
+    one = [e for e in prom.dashboard_expressions(deploy.dashboard, {**variables, "prompt": "shell"})
            if "saved_prompt_tokens" in e]
     assert one and all(prom.query(observed.prometheus_url, e) for e in one)
 
 
-def test_every_rule_evaluates_and_has_data_or_the_alert_state_expected(observed: Observed) -> None:
+def test_every_rule_evaluates_and_has_data_or_the_alert_state_expected(observed: Observed,
+                                                                        deploy: DeployFiles) -> None:
     url = observed.prometheus_url
-    names, exprs = prom.rule_names(), prom.rule_expressions()
+    names, exprs = prom.rule_names(deploy.rules_dir), prom.rule_expressions(deploy.rules_dir)
     assert len(names) == len(exprs) >= 10
     missing, firing = [], set()
     for name, expr in zip(names, exprs, strict=True):
@@ -226,22 +233,24 @@ def _check_png(path: Path) -> Any:
         return img.convert("L").getextrema()
 
 
-def test_render_draws_the_dashboard_from_prometheus(observed: Observed, tmp_path: Path) -> None:
+def test_render_draws_the_dashboard_from_prometheus(observed: Observed, deploy: DeployFiles, tmp_path: Path) -> None:
     window = f"{math.ceil(time.time() - observed.started) + 5}s"
-    out = dashboard.render(observed.prometheus_url, tmp_path / "dashboard.png", window, subtitle="test traffic")
+    out = dashboard.render(observed.prometheus_url, tmp_path / "dashboard.png", window, deploy=deploy,
+                           subtitle="test traffic")
     low, high = _check_png(out)
     assert high - low > 100  # not a blank page
 
 
-def test_run_without_prometheus_builds_a_demo_stack(tiny_model_path: Path, tmp_path: Path) -> None:
+def test_run_without_prometheus_builds_a_demo_stack(tiny_model_path: Path, deploy: DeployFiles,
+                                                     tmp_path: Path) -> None:
     require_prometheus()
     settings = Settings(torch_threads=2, data_dir=tmp_path / "unused", adapter_dir=tmp_path / "unused-adapters")
-    out = dashboard.run(settings, tmp_path / "demo.png", duration=4, model_path=tiny_model_path)
+    out = dashboard.run(settings, tmp_path / "demo.png", duration=4, model_path=tiny_model_path, deploy=deploy)
     assert out == tmp_path / "demo.png"
     _check_png(out)
 
 
-def test_legend_and_cumulative_follow_grafana_and_increase() -> None:
+def test_legend_and_cumulative_follow_grafana_and_increase(deploy: DeployFiles) -> None:
     assert dashboard.legend("p95 {{route}}", {"route": "adapter"}) == "p95 adapter"
     assert dashboard.legend("__auto", {"prompt": "a"}) == "prompt=a"
     # A reset (5 -> 1) counts the 1 after it, as Prometheus's increase() does.
@@ -249,4 +258,4 @@ def test_legend_and_cumulative_follow_grafana_and_increase() -> None:
     assert dashboard.cumulative([(0, 2.0), (1, 5.0)], appeared_late=True) == [2, 5]
     assert [dashboard.dollars(v) for v in (3.06e-5, 0.5, 1234.5, 0)] == ["$0.0000306", "$0.500", "$1,234.50",
                                                                          "$0.00"]
-    assert set(dashboard.GRAPH_TITLES) | set(dashboard.STAT_TITLES) <= set(dashboard.load_panels())
+    assert set(dashboard.GRAPH_TITLES) | set(dashboard.STAT_TITLES) <= set(dashboard.load_panels(deploy.dashboard))

@@ -10,26 +10,32 @@ from typing import Any
 
 import pytest
 
-try:
-    from tests import prom_harness as harness
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    import prom_harness as harness  # type: ignore[no-redef]
+from benchmarks import prometheus as harness
+from benchmarks.deploy import DeployFiles
+from benchmarks.errors import BenchInputError
+from gateway.local_server import free_port
+from tests import prom_harness
 
 
-def test_dashboard_expressions_are_plain_promql() -> None:
-    exprs = harness.dashboard_expressions()
+@pytest.fixture(scope="module")
+def deploy(request: pytest.FixtureRequest) -> DeployFiles:
+    return prom_harness.deploy_files(request.config)
+
+
+def test_dashboard_expressions_are_plain_promql(deploy: DeployFiles) -> None:
+    exprs = harness.dashboard_expressions(deploy.dashboard)
     assert len(exprs) >= 20
     assert not [e for e in exprs if "$" in e or "[[" in e]
     assert any('prompt=~".+"' in e for e in exprs)
-    assert any('prompt=~"p1"' in e for e in harness.dashboard_expressions(variables={"prompt": "p1"}))
+    assert any('prompt=~"p1"' in e for e in harness.dashboard_expressions(deploy.dashboard, {"prompt": "p1"}))
     assert harness.substitute('rate(x[$__rate_interval]) + y{a=~"${prompt:regex}"}') == 'rate(x[15s]) + y{a=~".+"}'
     with pytest.raises(ValueError):
         harness.substitute("rate(x[$__unknown])")
 
 
-def test_rule_expressions_match_rule_names() -> None:
-    exprs = harness.rule_expressions()
-    names = harness.rule_names()
+def test_rule_expressions_match_rule_names(deploy: DeployFiles) -> None:
+    exprs = harness.rule_expressions(deploy.rules_dir)
+    names = harness.rule_names(deploy.rules_dir)
     assert len(exprs) == len(names) >= 10
     assert "promptintern:saved_prompt_tokens:rate5m" in names
     assert "PromptInternAdaptersFailed" in names
@@ -45,18 +51,25 @@ def test_parse_duration() -> None:
 
 
 def test_missing_prometheus_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(harness, "prometheus_binary", lambda: None)
+    monkeypatch.setattr(prom_harness, "prometheus_binary", lambda: None)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
-        harness.require_prometheus()
+        prom_harness.require_prometheus()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
-        harness.require_prometheus()
+        prom_harness.require_prometheus()
 
 
-def test_start_prometheus_refuses_non_loopback_targets(tmp_path: Path) -> None:
+def test_start_prometheus_refuses_non_loopback_targets(tmp_path: Path, deploy: DeployFiles) -> None:
     with pytest.raises(ValueError):
-        harness.start_prometheus(tmp_path, ["10.1.2.3:8000"])
+        harness.start_prometheus(tmp_path, ["10.1.2.3:8000"], deploy=deploy)
+
+
+def test_missing_deploy_files_say_where_they_were_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(BenchInputError, match=f"no deploy files at {tmp_path}.*--deploy-dir"):
+        DeployFiles(tmp_path).checked()
+    with pytest.raises(BenchInputError, match="no deploy files"):
+        harness.start_prometheus(tmp_path, ["127.0.0.1:9"], deploy=DeployFiles(tmp_path / "deploy"))
 
 
 @dataclass
@@ -66,9 +79,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, deploy: DeployFiles) -> Iterator[Stack]:
     """One Prometheus scraping itself and a gateway-metrics endpoint whose series all start at 0."""
-    harness.require_prometheus()
+    prom_harness.require_prometheus()
     from prometheus_client import start_http_server
 
     from gateway.metrics import GatewayMetrics
@@ -83,10 +96,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     metrics.requests.labels(prompt="p1", route="fallback")
     metrics.requests.labels(prompt="none", route="passthrough")
     metrics.request_errors.labels(route="adapter", code="500")
-    port = harness.free_port()
+    port = free_port()
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     try:
-        with harness.start_prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{port}"], scrape_self=True) as prom:
+        with harness.start_prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{port}"], scrape_self=True,
+                                     deploy=deploy) as prom:
             harness.wait_for_scrapes(prom.url, 2)
             yield Stack(prom, metrics)
         assert prom.process.poll() is not None
@@ -95,7 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server.server_close()
 
 
-def test_prometheus_scrapes_itself_and_accepts_every_query(stack: Stack) -> None:
+def test_prometheus_scrapes_itself_and_accepts_every_query(stack: Stack, deploy: DeployFiles) -> None:
     url = stack.prom.url
     up = harness.query(url, 'up{job="prometheus"}')
     assert [item["value"][1] for item in up] == ["1"]
@@ -103,7 +117,7 @@ def test_prometheus_scrapes_itself_and_accepts_every_query(stack: Stack) -> None
     groups = harness.api_get(url, "/api/v1/rules", {})["groups"]
     assert {g["name"] for g in groups} >= {"promptintern-savings", "promptintern-traffic", "promptintern-alerts"}
     assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
-    for expr in harness.dashboard_expressions() + harness.rule_expressions():
+    for expr in harness.dashboard_expressions(deploy.dashboard) + harness.rule_expressions(deploy.rules_dir):
         harness.query(url, expr)  # raises ValueError on a query Prometheus refuses
     with pytest.raises(ValueError):
         harness.query(url, "sum(")
@@ -126,7 +140,7 @@ def _settled(url: str, expr: str, expected: float | None = None) -> float:
     return value
 
 
-def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack) -> None:
+def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, deploy: DeployFiles) -> None:
     url, metrics = stack.prom.url, stack.metrics
     for _ in range(10):
         metrics.original_prompt_tokens.labels(prompt="p1").inc(100)
@@ -155,13 +169,14 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack) 
     # The dashboard's per-prompt share of tokens removed, with $prompt set to the prompt.
     [share] = [
         e
-        for e in harness.dashboard_expressions(variables={"prompt": "p1"})
+        for e in harness.dashboard_expressions(deploy.dashboard, {"prompt": "p1"})
         if e.startswith("sum by (prompt) (rate(promptintern_saved_prompt_tokens_total") and "original" in e
     ]
     assert _settled(url, share, 0.6) == pytest.approx(0.6)
 
     # Every gateway query of the dashboard finds series: a misspelt metric or label would not.
-    empty = [e for e in harness.dashboard_expressions() if "vllm:" not in e and not harness.query(url, e)]
+    exprs = harness.dashboard_expressions(deploy.dashboard)
+    empty = [e for e in exprs if "vllm:" not in e and not harness.query(url, e)]
     assert empty == []
 
     # The alerts' conditions hold; each still waits out its `for` (pending).

@@ -1,0 +1,180 @@
+"""`promptintern bench TARGET`: one subcommand per benchmark, each with its own flags.
+
+`gateway.cli` adds this parser when the benchmarks are installed, so the runtime never imports
+them. Each target imports its module only when it runs; a missing input (a results folder, the
+deploy files, matplotlib from the `[bench]` extra) is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.deploy import DEFAULT_DEPLOY_DIR, DeployFiles
+from benchmarks.errors import BenchInputError
+from benchmarks.paper.options import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OUT
+from core.config import Settings
+
+INSTALL_HINT = "pip install -e .[bench]"
+Command = Callable[[argparse.Namespace], int]
+
+
+def require_matplotlib() -> None:
+    """Raise a BenchInputError with the install hint unless matplotlib (the `[bench]` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise BenchInputError(f"matplotlib is not installed (the [bench] extra): {INSTALL_HINT}") from exc
+
+
+def _guarded(command: Command, *, plots: bool = False) -> Command:
+    """`command`, with a missing input reported as one line and status 2 instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            if plots:
+                require_matplotlib()
+            return command(args)
+        except BenchInputError as exc:
+            print(f"promptintern bench {args.target}: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_matcher(args: argparse.Namespace) -> int:
+    from benchmarks import matcher
+
+    matcher.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from benchmarks import gateway
+
+    gateway.run(Settings(), requests=args.requests)
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from benchmarks import engines
+
+    engines.run(Settings(), requests=args.requests, max_tokens=args.max_tokens, fast_start=args.fast_start,
+                skip_vllm=args.skip_vllm)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from benchmarks import dashboard
+
+    out = dashboard.run(Settings(), args.out, prometheus_url=args.prometheus_url, window=args.window,
+                        duration=args.duration, model_path=args.model, deploy=DeployFiles(args.deploy_dir))
+    print(f"dashboard picture: {out}")
+    return 0
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    from benchmarks.paper.conditions import Prices
+    from benchmarks.paper.options import PaperOptions
+    from benchmarks.paper.run import rebuild_report, run
+
+    if args.rebuild:
+        rebuild_report(args.out)
+        return 0
+    settings = Settings()
+    prices = Prices(
+        settings.price_input_per_1k if args.price_input_per_1k is None else args.price_input_per_1k,
+        settings.price_output_per_1k if args.price_output_per_1k is None else args.price_output_per_1k)
+    options = PaperOptions(
+        quick=args.quick, rows=args.requests, throughput_requests=args.throughput_requests,
+        max_new_tokens=args.max_tokens, fast_start=args.fast_start, skip_vllm=args.skip_vllm, out=args.out,
+        prices=prices)
+    run(settings, options)
+    return 0
+
+
+def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bench` and its targets on `commands` (the `promptintern` parser's subcommands)."""
+    bench = commands.add_parser("bench", help="benchmarks that print figures (the [bench] extra)",
+                                description="Benchmarks that print figures; none of them asserts a timing.")
+    targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
+    _add_matcher(targets)
+    _add_gateway(targets)
+    _add_engines(targets)
+    _add_dashboard(targets)
+    _add_paper(targets)
+
+
+def _add_matcher(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("matcher", help="detection time against the number of registered templates")
+    p.add_argument("--templates", type=count, nargs="+", default=[10, 1000, 10000],
+                   help="numbers of registered templates (default 10 1000 10000)")
+    p.add_argument("--request-tokens", type=count, default=2000, help="request size in tokens (default 2000)")
+    p.add_argument("--repeats", type=count, default=2000, help="detections timed per row (default 2000)")
+    p.set_defaults(func=_guarded(cmd_matcher))
+
+
+def _add_gateway(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("gateway", help="the gateway's added latency against calling the engine directly")
+    p.add_argument("--requests", type=count, default=40, help="interleaved rounds (default 40)")
+    p.set_defaults(func=_guarded(cmd_gateway))
+
+
+def _add_engines(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("engines", help="full prompt vs bare query on the embedded engine and vLLM")
+    p.add_argument("--requests", type=count, default=16, help="requests per condition (default 16)")
+    p.add_argument("--max-tokens", type=count, default=16, help="tokens generated per request (default 16)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="start vLLM in eager mode (starts in seconds, serves slower)")
+    p.add_argument("--skip-vllm", action="store_true", help="embedded engine only")
+    p.set_defaults(func=_guarded(cmd_engines))
+
+
+def _add_dashboard(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("dashboard", help="draw the cost dashboard's main panels to a PNG")
+    p.add_argument("--out", type=Path, default=Path("results/dashboard.png"),
+                   help="the PNG to write (default results/dashboard.png)")
+    p.add_argument("--prometheus-url", help="draw from this Prometheus instead of a demo stack "
+                                            "(gateway + Prometheus + mixed traffic started here)")
+    p.add_argument("--window", default="5m", help="time range drawn from --prometheus-url (default 5m)")
+    p.add_argument("--duration", type=float, default=45.0, help="seconds of demo traffic (default 45)")
+    p.add_argument("--model", type=Path, help="demo: a local HF model folder (default: the base model)")
+    p.add_argument("--deploy-dir", type=Path, default=DEFAULT_DEPLOY_DIR,
+                   help=f"the repository's deploy folder, whose dashboard and Prometheus rules are drawn and "
+                        f"evaluated (default {DEFAULT_DEPLOY_DIR}/ in the working directory)")
+    p.set_defaults(func=_guarded(cmd_dashboard, plots=True))
+
+
+def _add_paper(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("paper", help="the paper's table on NL2Bash (every row in one run) into a results folder")
+    p.add_argument("--quick", action="store_true",
+                   help="the same pipeline on the first 8 test rows, 8 requests at concurrency 8, vLLM in eager "
+                        "mode (under 10 minutes when the adapters are cached)")
+    p.add_argument("--requests", type=count, default=None,
+                   help="test rows per row of the table (default all 70; --quick 8)")
+    p.add_argument("--throughput-requests", type=count, default=None,
+                   help="requests per row at concurrency 8 (default 32; --quick 8)")
+    p.add_argument("--max-tokens", type=count, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"most new tokens per answer (default {DEFAULT_MAX_NEW_TOKENS}; answers also stop at the "
+                        "first newline)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="start vLLM in eager mode (starts in seconds, serves slower)")
+    p.add_argument("--skip-vllm", action="store_true", help="embedded engine only")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")
+    p.add_argument("--price-input-per-1k", type=float, default=None,
+                   help="USD per 1,000 input tokens (default PROMPTINTERN_PRICE_INPUT_PER_1K)")
+    p.add_argument("--price-output-per-1k", type=float, default=None,
+                   help="USD per 1,000 output tokens (default PROMPTINTERN_PRICE_OUTPUT_PER_1K)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-render report.md, plots and readme_section.md from --out's paper.json")
+    p.set_defaults(func=_guarded(cmd_paper, plots=True))
