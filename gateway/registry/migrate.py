@@ -77,7 +77,7 @@ def _locked_transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction that no other process's migration runs beside (SQLite: a file lock; PostgreSQL: an
     advisory lock released with the transaction, so a crashed replica cannot leave it held)."""
     dialect = engine.dialect.name
-    with _sqlite_file_lock(engine) if dialect == "sqlite" else nullcontext(), engine.begin() as connection:
+    with sqlite_migration_lock(engine) if dialect == "sqlite" else nullcontext(), engine.begin() as connection:
         if dialect == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
         elif dialect != "sqlite":
@@ -85,7 +85,8 @@ def _locked_transaction(engine: Engine) -> Iterator[Connection]:
         yield connection
 
 
-def _sqlite_file_lock(engine: Engine) -> FileLock | nullcontext[None]:
+def sqlite_migration_lock(engine: Engine) -> FileLock | nullcontext[None]:
+    """A lock file beside the SQLite file: every process that opens this database takes it to migrate."""
     database = engine.url.database
     if not database or database == ":memory:":
         return nullcontext()  # a private in-memory database: no other process can see it

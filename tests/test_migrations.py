@@ -1,0 +1,143 @@
+"""Schema migrations: a fresh database reaches head, a wave-1 database keeps its rows, one process migrates."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from gateway.registry.db import Base
+from gateway.registry.migrate import BASELINE, Migration, head_revision, sqlite_migration_lock, upgrade_to_head
+from gateway.registry.store import PromptRegistry
+
+# The DDL wave 1's `Base.metadata.create_all` left in a SQLite file (sqlite_master at 8f08c39, lines joined).
+WAVE1_SCHEMA = """
+CREATE TABLE prompts (
+	id INTEGER NOT NULL, name VARCHAR(64) NOT NULL, kind VARCHAR(16) NOT NULL, template JSON NOT NULL,
+	examples JSON NOT NULL, created_at DATETIME NOT NULL, PRIMARY KEY (id)
+);
+CREATE UNIQUE INDEX ix_prompts_name ON prompts (name);
+CREATE TABLE runner_lease (
+	id INTEGER NOT NULL, owner VARCHAR(128) NOT NULL, heartbeat_at DATETIME NOT NULL, PRIMARY KEY (id)
+);
+CREATE TABLE adapter_versions (
+	id INTEGER NOT NULL, prompt_id INTEGER NOT NULL, version INTEGER NOT NULL, status VARCHAR(16) NOT NULL,
+	source VARCHAR(16) NOT NULL, path TEXT, manifest JSON, error TEXT, created_at DATETIME NOT NULL,
+	PRIMARY KEY (id), UNIQUE (prompt_id, version),
+	FOREIGN KEY(prompt_id) REFERENCES prompts (id) ON DELETE CASCADE
+);
+CREATE INDEX ix_adapter_versions_prompt_id ON adapter_versions (prompt_id);
+CREATE TABLE train_jobs (
+	id INTEGER NOT NULL, prompt_id INTEGER NOT NULL, status VARCHAR(16) NOT NULL, spec JSON NOT NULL,
+	progress JSON, error TEXT, attempts INTEGER NOT NULL, version INTEGER, created_at DATETIME NOT NULL,
+	started_at DATETIME, finished_at DATETIME, PRIMARY KEY (id),
+	FOREIGN KEY(prompt_id) REFERENCES prompts (id) ON DELETE CASCADE
+);
+CREATE INDEX ix_train_jobs_prompt_id ON train_jobs (prompt_id);
+CREATE INDEX ix_train_jobs_status ON train_jobs (status);
+"""
+
+WAVE1_ROWS = """
+INSERT INTO prompts VALUES (1, 'shell', 'chat', '[{"role": "user", "content": "Q: {query}"}]', '[]',
+                            '2026-11-20 10:00:00.000000');
+INSERT INTO adapter_versions VALUES (1, 1, 1, 'ready', 'upload', '/adapters/shell/v1', '{"prompt": "shell"}', NULL,
+                                     '2026-11-20 10:01:00.000000');
+INSERT INTO adapter_versions VALUES (2, 1, 2, 'failed', 'train', NULL, NULL, 'the trained adapter did not load',
+                                     '2026-11-21 09:00:00.000000');
+INSERT INTO train_jobs VALUES (1, 1, 'failed', '{"rows": []}', NULL, 'boom', 1, 2, '2026-11-21 08:59:00.000000',
+                               '2026-11-21 09:00:00.000000', '2026-11-21 09:05:00.000000');
+INSERT INTO runner_lease VALUES (1, 'old-replica', '2026-11-21 09:05:00.000000');
+"""
+
+
+def schema_differences(url: str) -> list[Any]:
+    """What Alembic's autogenerate would still have to change to make the database match the models."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_a_fresh_database_migrates_to_head_and_matches_the_models(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    registry = PromptRegistry(url)
+    assert registry.migration == Migration(before=None, stamped_wave1=False, after=head_revision())
+    registry.close()
+    assert schema_differences(url) == []
+    again = PromptRegistry(url)  # the usual restart: already at head, nothing to do
+    assert again.migration == Migration(before=head_revision(), stamped_wave1=False, after=head_revision())
+    again.close()
+
+
+def test_a_wave1_database_is_stamped_and_upgraded_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "wave1.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(WAVE1_SCHEMA + WAVE1_ROWS)
+    url = f"sqlite:///{path}"
+
+    registry = PromptRegistry(url)
+    assert registry.migration == Migration(before=None, stamped_wave1=True, after=head_revision())
+    record = registry.get("shell")
+    assert record.template == [{"role": "user", "content": "Q: {query}"}]
+    assert [(v.version, v.status, v.source) for v in record.versions] == [(1, "ready", "upload"),
+                                                                          (2, "failed", "train")]
+    assert record.versions[0].manifest == {"prompt": "shell"}
+    assert record.active_version is not None and record.active_version.version == 1
+    job = registry.get_job(1)
+    assert job is not None and (job.status, job.version, job.error) == ("failed", 2, "boom")
+    assert registry.allocate_version("shell", "loading", "upload") == 3  # numbering continues after wave 1
+    registry.close()
+    assert schema_differences(url) == []
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
+
+
+def test_head_is_the_baseline_until_a_migration_is_added() -> None:
+    """The baseline is wave 1's schema, which already has the (prompt, version) unique constraint."""
+    assert head_revision() == BASELINE
+    uniques = inspect_fresh_uniques()
+    assert {"prompt_id", "version"} in [set(u["column_names"]) for u in uniques]
+
+
+def inspect_fresh_uniques() -> list[Any]:
+    engine = create_engine("sqlite://")
+    try:
+        upgrade_to_head(engine)
+        return list(inspect(engine).get_unique_constraints("adapter_versions"))
+    finally:
+        engine.dispose()
+
+
+def _migrate_in_a_child(url: str, ready: Event, results: Any) -> None:
+    ready.set()
+    outcome = upgrade_to_head(create_engine(url))
+    results.put((outcome.before, outcome.after))
+
+
+def test_two_processes_starting_at_once_migrate_once(tmp_path: Path) -> None:
+    """Both children reach the migration while the lock is held; released, exactly one of them migrates."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    readies = [context.Event() for _ in range(2)]
+    children = [context.Process(target=_migrate_in_a_child, args=(url, ready, results)) for ready in readies]
+    with sqlite_migration_lock(create_engine(url)):
+        for child in children:
+            child.start()
+        for ready in readies:
+            assert ready.wait(120), "a child process did not start"
+    outcomes = sorted([results.get(timeout=120) for _ in children], key=lambda o: str(o[0]))
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    head = head_revision()
+    assert outcomes == [(head, head), (None, head)]  # one found the work done, one did it
+    assert schema_differences(url) == []
