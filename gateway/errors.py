@@ -46,6 +46,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}
 
+    def json(self) -> str:
+        return json.dumps(self.body())
+
 
 class BadRequest(APIError):
     status_code = 400
@@ -143,6 +146,9 @@ def register_exception_handlers(app: FastAPI) -> None:
         )
         param = _validation_param(tuple(first.get("loc", ())))
         cls: type[APIError] = Unprocessable if request.url.path.startswith("/v1/prompts") else BadRequest
+        if first.get("type") == "extra_forbidden":  # as OpenAI answers a field it does not know
+            return error_json(cls(f"unrecognized request argument supplied: {param}", param=param,
+                                  code="unrecognized_argument"))
         return error_json(cls(f"invalid request: {details}", param=param, code="invalid_value"))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -163,8 +169,3 @@ def register_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-def sse_error(exc: APIError) -> str:
-    """An error inside an already started stream, as one SSE event."""
-    return f"data: {json.dumps(exc.body())}\n\n"

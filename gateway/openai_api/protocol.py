@@ -1,36 +1,94 @@
-"""OpenAI request and response bodies, in OpenAI's field order; unknown request fields are kept and forwarded."""
+"""OpenAI request bodies, in OpenAI's field order, with vLLM's documented extras fenced apart.
+
+A request may carry any field of OpenAI's documented request schema and vLLM's documented sampling
+extras; any other field is refused with a 400 naming it (as OpenAI answers), never forwarded blindly.
+Which of the accepted fields an engine can honour is the engine's call (`EngineRequest.extra`).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT64 = 2**63  # seeds are 64-bit signed integers, as in vLLM
 
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+CHAT_EXAMPLE: dict[str, Any] = {
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "messages": [{"role": "user", "content": "list files in /tmp"}],
+    "max_tokens": 16,
+    "temperature": 0,
+}
+COMPLETION_EXAMPLE: dict[str, Any] = {
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "prompt": "Input: list files in /tmp\nOutput:",
+    "max_tokens": 16,
+    "temperature": 0,
+}
 
 
-class ChatMessage(OpenAIModel):
+class OpenAIRequestModel(BaseModel):
+    """Unknown fields are an error (`extra_forbidden`), answered as a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    """One message; roles and parts are checked by the router (non-text parts pass through unmatched)."""
+
+    model_config = ConfigDict(extra="allow")  # tool_call_id, tool_calls, refusal, audio ... belong to the message
+
     role: str = Field(min_length=1)
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
-class SamplingFields(OpenAIModel):
-    """Fields chat and completion requests share."""
+class VLLMSamplingExtras(OpenAIRequestModel):
+    """vLLM's documented sampling extras (both endpoints); forwarded to vLLM, refused where not honoured."""
 
-    model: str = Field(min_length=1)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    use_beam_search: bool | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None
+    priority: int | None = None
+    request_id: str | None = None
+    return_tokens_as_token_ids: bool | None = None
+    cache_salt: str | None = None
+
+
+class SamplingFields(VLLMSamplingExtras):
+    """OpenAI fields chat and completion requests share."""
+
+    model: str = Field(min_length=1,
+                       description="The base model (or an alias): detection; `<prompt>@v<N>`: that adapter.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -40,85 +98,61 @@ class SamplingFields(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [CHAT_EXAMPLE]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    reasoning_effort: str | None = None
+    response_format: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # vLLM's chat extras
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [COMPLETION_EXAMPLE]})
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # vLLM's extra on completions
 
 
-class UsageOut(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    promptintern: dict[str, int] | None = Field(
-        None, description="`original_prompt_tokens` the app sent and `saved_prompt_tokens` the gateway removed.")
+# Fields the gateway interprets itself (never handed to the engine as extras).
+HANDLED_FIELDS = frozenset({
+    "model", "messages", "prompt", "frequency_penalty", "max_tokens", "max_completion_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
+})
+# Fields that only describe the request to a hosted API (billing, storage, tracing): nothing to honour locally.
+DESCRIPTIVE_FIELDS = frozenset({
+    "user", "metadata", "store", "safety_identifier", "prompt_cache_key", "service_tier",
+})
 
 
-LOGPROBS_DOC = "The engine's log probabilities when the request asked for them (vLLM engine), else null."
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = Field(description="The answer's text; null when the answer is only tool calls.")
-    tool_calls: list[dict[str, Any]] | None = Field(
-        None, description="Tool calls in OpenAI's shape, when the request had `tools` (vLLM engine).")
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: dict[str, Any] | None = Field(None, description=LOGPROBS_DOC)
-    finish_reason: str
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageOut
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict[str, Any] | None = Field(None, description=LOGPROBS_DOC)
-    finish_reason: str
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageOut
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "promptintern"
-    root: str | None = None
-    parent: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+def engine_extras(body: SamplingFields) -> dict[str, Any]:
+    """The set fields the gateway does not interpret: the engine forwards them or refuses them by name."""
+    skip = HANDLED_FIELDS | DESCRIPTIVE_FIELDS
+    return {name: getattr(body, name) for name in body.model_fields_set - skip if getattr(body, name) is not None}

@@ -6,19 +6,15 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
+from fastapi.sse import EventSourceResponse
 
 from gateway.auth import require_api_key
 from gateway.errors import ERROR_RESPONSES, APIError
-from gateway.openai_api.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
-    ModelList,
-)
-from gateway.openai_api.serving import InferenceService, Plan
+from gateway.openai_api.planning import Plan, Planner
+from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai_api.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
+from gateway.openai_api.serving import InferenceService
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
@@ -32,35 +28,40 @@ async def get_inference(request: Request) -> InferenceService:
     return request.app.state.inference  # type: ignore[no-any-return]
 
 
+async def get_planner(request: Request) -> Planner:
+    return request.app.state.planner  # type: ignore[no-any-return]
+
+
 Inference = Annotated[InferenceService, Depends(get_inference)]
+Planning = Annotated[Planner, Depends(get_planner)]
 
 
-async def _answer(service: Inference, plan: Plan, stream: bool, include_usage: bool) -> Any:
+async def _answer(service: InferenceService, plan: Plan, stream: bool, include_usage: bool) -> Response:
     started = time.perf_counter()
     if not stream:
         plan, body = await service.complete(plan, started)
-        return JSONResponse(body, headers=plan.headers())
+        return Response(body.model_dump_json(), media_type="application/json", headers=plan.headers())
     try:
         plan, events, first = await service.start(plan)
     except APIError as exc:
         service.record_error(plan, exc.status_code)
         raise
-    return StreamingResponse(service.stream(plan, events, first, started, include_usage),
-                             media_type="text/event-stream", headers={**plan.headers(), "cache-control": "no-cache"})
+    return EventSourceResponse(service.stream(plan, events, first, started, include_usage),
+                               headers={**plan.headers(), "cache-control": "no-cache"})
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSES,
              summary="Chat completion; a registered prompt is answered by its adapter from the bare query")
-async def chat_completions(body: ChatCompletionRequest, service: Inference) -> Any:
-    plan = service.planned(service.plan_chat, body)
+async def chat_completions(body: ChatCompletionRequest, planner: Planning, service: Inference) -> Response:
+    plan = planner.planned(planner.plan_chat, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _answer(service, plan, body.stream, include_usage)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=SSE_RESPONSES,
              summary="Text completion; a registered completion template is answered by its adapter")
-async def completions(body: CompletionRequest, service: Inference) -> Any:
-    plan = service.planned(service.plan_completion, body)
+async def completions(body: CompletionRequest, planner: Planning, service: Inference) -> Response:
+    plan = planner.planned(planner.plan_completion, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _answer(service, plan, body.stream, include_usage)
 

@@ -1,0 +1,183 @@
+"""Planning: detect a registered prompt and decide the route before the engine is called.
+
+Routes: `adapter` (bare query to the prompt's ready adapter), `fallback` (matched, but no adapter
+is ready or it failed before answering: the full prompt goes to the base model) and
+`passthrough` (no registered prompt: the request goes to the base model unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
+
+from core.config import Settings
+from core.templates import bare_query_messages
+from gateway.engines.base import EngineRequest, SamplingParams
+from gateway.errors import APIError, BadRequest, NotFound
+from gateway.matcher import Match
+from gateway.metrics import NO_PROMPT, GatewayMetrics
+from gateway.openai_api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    engine_extras,
+)
+from gateway.prompts.service import PromptService, RoutablePrompt
+from gateway.tokens import TokenCounter
+
+Route = Literal["adapter", "fallback", "passthrough"]
+Endpoint = Literal["chat", "completion"]
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+B = TypeVar("B", ChatCompletionRequest, CompletionRequest)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before the engine is called."""
+
+    endpoint: Endpoint
+    model: str
+    route: Route
+    prompt: str  # matched prompt name, "" when none
+    request: EngineRequest
+    fallback: EngineRequest | None = None
+    original_tokens: int | None = None  # None: count = what the engine reports
+    expected_sent_tokens: int | None = None
+
+    @property
+    def prompt_label(self) -> str:
+        return self.prompt or NO_PROMPT
+
+    def headers(self) -> dict[str, str]:
+        saved = 0
+        if self.route == "adapter" and self.original_tokens is not None and self.expected_sent_tokens is not None:
+            saved = max(0, self.original_tokens - self.expected_sent_tokens)
+        return {"x-promptintern-prompt": self.prompt, "x-promptintern-route": self.route,
+                "x-promptintern-saved-tokens": str(saved)}
+
+    def as_fallback(self) -> Plan:
+        assert self.fallback is not None
+        return replace(self, route="fallback", request=self.fallback, fallback=None, expected_sent_tokens=None)
+
+
+def message_text(message: ChatMessage) -> str | None:
+    """Text of a message; parts of type `text` are joined with newlines; None if any part is not text."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts: list[str] = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            return None
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    stop = body.stop
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > 4:
+        raise BadRequest("at most 4 stop sequences", param="stop", code="invalid_value")
+    if any(not s for s in stops):
+        raise BadRequest("stop sequences must not be empty", param="stop", code="invalid_value")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, stop=stops, seed=body.seed,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, n=body.n)
+
+
+class Planner:
+    """Turns a parsed request into a Plan; reads the registry's routing table, changes nothing."""
+
+    def __init__(self, settings: Settings, prompts: PromptService, counter: TokenCounter,
+                 metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.prompts = prompts
+        self.counter = counter
+        self.metrics = metrics
+
+    def planned(self, plan: Callable[[B], Plan], body: B) -> Plan:
+        """Plan a request, counting refusals that happen before a route is chosen (route `none`)."""
+        try:
+            return plan(body)
+        except APIError as exc:
+            self.metrics.request_errors.labels(route=NO_PROMPT, code=str(exc.status_code)).inc()
+            raise
+
+    def _target(self, model: str) -> RoutablePrompt | None:
+        """None for the base model (detect); the prompt for an adapter id; 404 otherwise."""
+        if model in self.settings.base_model_names:
+            return None
+        entry = self.prompts.by_adapter_model(model)
+        if entry is None:
+            raise NotFound(f"the model '{model}' does not exist", param="model", code="model_not_found")
+        return entry
+
+    def _detect(self, fn: Callable[[Any], Match | None], arg: Any) -> Match | None:
+        started = time.perf_counter()
+        try:
+            return fn(arg)
+        finally:
+            self.metrics.detection_duration.observe(time.perf_counter() - started)
+
+    def plan_chat(self, body: ChatCompletionRequest) -> Plan:
+        target = self._target(body.model)
+        params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
+        texts = [message_text(m) for m in body.messages]
+        all_text = all(t is not None for t in texts)
+        if all_text:
+            messages = [{**m.model_dump(exclude_none=True), "content": t}
+                        for m, t in zip(body.messages, texts, strict=True)]
+        else:
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        request = EngineRequest(kind="chat", messages=messages, params=params, extra=engine_extras(body),
+                                request_id=f"chatcmpl-{uuid.uuid4().hex}")
+        if target is not None:
+            return Plan("chat", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
+        special = bool(body.tools or body.functions) or body.n > 1 or not all_text
+        match = None if special else self._detect(
+            self.prompts.matcher.match_chat, [(m.role, t) for m, t in zip(body.messages, texts, strict=True)])
+        return self._plan_match("chat", body.model, match, request)
+
+    def plan_completion(self, body: CompletionRequest) -> Plan:
+        target = self._target(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            else:
+                raise BadRequest("only a single prompt string is supported per request", param="prompt",
+                                 code="unsupported_prompt")
+        assert isinstance(prompt, str)
+        if not prompt:
+            raise BadRequest("the prompt must not be empty", param="prompt", code="invalid_value")
+        max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+        request = EngineRequest(kind="completion", prompt=prompt, params=sampling_params(body, max_tokens),
+                                extra=engine_extras(body), request_id=f"cmpl-{uuid.uuid4().hex}")
+        if target is not None:
+            return Plan("completion", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
+        match = None if body.n > 1 else self._detect(self.prompts.matcher.match_completion, prompt)
+        return self._plan_match("completion", body.model, match, request)
+
+    def _plan_match(self, endpoint: Endpoint, model: str, match: Match | None, request: EngineRequest) -> Plan:
+        if match is None:
+            return Plan(endpoint, model, "passthrough", "", request)
+        entry = self.prompts.routable(match.name)
+        if entry is None:  # deleted between detection and now
+            return Plan(endpoint, model, "passthrough", "", request)
+        original = self.counter.original_tokens(entry.static_tokens, match.values)
+        if entry.adapter is None:
+            return Plan(endpoint, model, "fallback", entry.name, request, original_tokens=original)
+        if not entry.bare:  # trained with the prompt kept: the adapter gets the request as sent
+            return Plan(endpoint, model, "adapter", entry.name, replace(request, adapter=entry.adapter),
+                        fallback=request)
+        bare = bare_query_messages(entry.template, match.values)
+        adapter_request = replace(request, kind="chat", messages=bare, prompt=None, adapter=entry.adapter)
+        return Plan(endpoint, model, "adapter", entry.name, adapter_request, fallback=request,
+                    original_tokens=original, expected_sent_tokens=self.counter.count_chat(bare))
