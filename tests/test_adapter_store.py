@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore, next_version_dir, version_dirs
 from gateway.registry.store import PromptRegistry
 
 
@@ -17,8 +17,21 @@ def test_versions_skip_folders_written_outside_the_registry(tmp_path: Path) -> N
     registry = PromptRegistry(f"sqlite:///{tmp_path / 'r.db'}")
     registry.create("p", "chat", [{"role": "user", "content": "{q}"}], [])
     assert store.highest_version("p") == 2
-    assert registry.add_version("p", "loading", "upload", store.highest_version("p")) == 3
-    assert registry.add_version("p", "loading", "upload", store.highest_version("p")) == 4
+    assert registry.allocate_version("p", "loading", "upload", store) == 3
+    assert registry.allocate_version("p", "loading", "upload", store) == 4
+    registry.close()
+
+
+def test_version_folders_are_the_v_n_directories(tmp_path: Path) -> None:
+    """One reading of `v<N>` for the store, the registry's allocation and the trainer's CLI."""
+    prompt_dir = tmp_path / "p"
+    assert version_dirs(prompt_dir) == [] and next_version_dir(prompt_dir) == prompt_dir / "v1"
+    for name in ("v10", "v2", "v1x", ".v3-tmp", "vv4"):
+        (prompt_dir / name).mkdir(parents=True)
+    (prompt_dir / "v11").write_text("a file, not a version")
+    assert version_dirs(prompt_dir) == [(2, prompt_dir / "v2"), (10, prompt_dir / "v10")]
+    assert next_version_dir(prompt_dir) == prompt_dir / "v11"
+    assert AdapterStore(tmp_path).highest_version("p") == 10
 
 
 def test_publish_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
