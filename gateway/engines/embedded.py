@@ -3,13 +3,14 @@
 One worker thread owns the model and runs every operation (generation, adapter load and
 unload) in order, so a request can never run with another request's adapter and adapters never
 change under a running generation. The asyncio side talks to it through futures and queues.
+The sampler itself (`sampling.DecodeLoop`) is step-wise, so several sequences can share a step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import json
 import logging
 import queue
 import re
@@ -28,20 +29,15 @@ from gateway.engines.base import (
     EngineEvent,
     EngineRequest,
     EngineUnavailable,
-    Finished,
     SamplingParams,
-    TextDelta,
-    UnsupportedParameter,
     Usage,
 )
+from gateway.engines.embedded_fields import refuse_unhonoured_fields
+from gateway.engines.sampling import DecodeLoop
 from gateway.errors import APIError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# OpenAI fields this engine cannot honour: refused with a clear 400 rather than ignored.
-UNSUPPORTED_EXTRAS = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
-                      "logit_bias", "response_format", "echo", "best_of", "suffix")
 
 
 def internal_adapter_name(name: str) -> str:
@@ -207,9 +203,7 @@ class EmbeddedEngine:
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        for key in UNSUPPORTED_EXTRAS:
-            if request.extra.get(key) not in (None, False, [], {}):
-                raise UnsupportedParameter(key, self.name)
+        refuse_unhonoured_fields(request, self.name)
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterNotLoaded(f"adapter '{request.adapter}' is not loaded", code="adapter_not_loaded")
         await self.check_ready()
@@ -246,126 +240,42 @@ class EmbeddedEngine:
         assert request.prompt is not None
         return list(tok(request.prompt)["input_ids"])
 
+    def _max_new_tokens(self, n_prompt: int, params: SamplingParams) -> int:
+        limit = f"this model's maximum context length is {self._max_len} tokens; the prompt has {n_prompt} tokens"
+        if n_prompt >= self._max_len:
+            raise ContextLengthExceeded(limit)
+        if params.max_tokens is None:
+            return min(self.default_max_tokens, self._max_len - n_prompt)
+        if n_prompt + params.max_tokens > self._max_len:
+            raise ContextLengthExceeded(f"{limit} and max_tokens asks for {params.max_tokens} more")
+        return params.max_tokens
+
     def _generate(self, job: _Job) -> None:
+        """Decode the request's `n` choices together, step by step, under its adapter alone."""
         import torch
 
         request = job.request
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterNotLoaded(f"adapter '{request.adapter}' is not loaded", code="adapter_not_loaded")
         prompt_ids = self._encode(request)
-        n_prompt = len(prompt_ids)
-        params = request.params
-        if n_prompt >= self._max_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self._max_len} tokens; the prompt has "
-                f"{n_prompt} tokens")
-        if params.max_tokens is None:
-            max_new = min(self.default_max_tokens, self._max_len - n_prompt)
-        elif n_prompt + params.max_tokens > self._max_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self._max_len} tokens; the prompt has "
-                f"{n_prompt} tokens and max_tokens asks for {params.max_tokens} more")
-        else:
-            max_new = params.max_tokens
-        generator = torch.Generator()
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
-        completion_tokens = 0
+        max_new = self._max_new_tokens(len(prompt_ids), request.params)
         with torch.inference_mode(), self._adapter_context(request.adapter):
-            model = self._peft if self._peft is not None else self._model
-            for index in range(params.n):
+            decode = DecodeLoop(self._peft if self._peft is not None else self._model, self._tokenizer,
+                                self._eos_ids)
+            for index in range(request.params.n):
+                decode.add(index, prompt_ids, request.params, max_new)
+            while decode.live:
                 if job.cancelled.is_set():
                     return
-                completion_tokens += self._decode_one(job, model, prompt_ids, max_new, params, generator,
-                                                      index)
-        job.emit(Usage(prompt_tokens=n_prompt, completion_tokens=completion_tokens))
+                for event in decode.step():
+                    job.emit(event)
+        completion_tokens = sum(len(s.generated) for s in decode.sequences)
+        job.emit(Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
 
     def _adapter_context(self, adapter: str | None) -> Any:
-        import contextlib
-
         if self._peft is None:
             return contextlib.nullcontext()
         if adapter is None:
             return self._peft.disable_adapter()
         self._peft.set_adapter(self._adapters[adapter])
         return contextlib.nullcontext()
-
-    def _decode_one(self, job: _Job, model: Any, prompt_ids: list[int], max_new: int,
-                    params: SamplingParams, generator: Any, index: int) -> int:
-        import torch
-
-        stops = params.stop
-        hold = max((len(s) for s in stops), default=1) - 1
-        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[0, -1]
-        generated: list[int] = []
-        counts: dict[int, int] = {}
-        emitted = 0
-        reason = "length"
-        stopped_by_string = False
-        for _ in range(max_new):
-            if job.cancelled.is_set():
-                return len(generated)
-            token = _choose(logits, params, counts, generator)
-            if token in self._eos_ids:
-                reason = "stop"
-                break
-            generated.append(token)
-            counts[token] = counts.get(token, 0) + 1
-            text = self._decode(generated)
-            if stops:
-                cut = _find_stop(text, stops, max(0, emitted - hold))
-                if cut is not None:
-                    if cut > emitted:
-                        job.emit(TextDelta(index, text[emitted:cut]))
-                    reason, stopped_by_string = "stop", True
-                    break
-            # Hold back what could still turn into a stop string or a split UTF-8 character.
-            safe = len(text) - hold if stops else len(text)
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
-            if safe > emitted:
-                job.emit(TextDelta(index, text[emitted:safe]))
-                emitted = safe
-            if len(generated) == max_new:
-                break
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1]
-        if not stopped_by_string:
-            final = self._decode(generated)
-            if len(final) > emitted:
-                job.emit(TextDelta(index, final[emitted:]))
-        job.emit(Finished(index, reason))
-        return len(generated)
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    found = [i for s in stops if (i := text.find(s, start)) != -1]
-    return min(found) if found else None
-
-
-def _choose(logits: Any, params: SamplingParams, counts: dict[int, int], generator: Any) -> int:
-    import torch
-
-    if counts and (params.presence_penalty or params.frequency_penalty):
-        logits = logits.clone()
-        ids = torch.tensor(list(counts))
-        freq = torch.tensor([float(c) for c in counts.values()])
-        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
