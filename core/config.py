@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MIN_ADMIN_KEY_CHARS = 16
 
 
 def _split_csv(value: object) -> object:
@@ -37,8 +38,9 @@ class Settings(BaseSettings):
     model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Other model names that mean the base model (comma separated)."
     )
-    admin_key: str | None = Field(None, description="Bearer token for every /v1/prompts route.")
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    admin_key: SecretStr | None = Field(
+        None, description=f"Bearer token for every /v1/prompts route (at least {MIN_ADMIN_KEY_CHARS} characters).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys for inference routes (comma separated); open if empty."
     )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank the trainer uses.")
@@ -71,6 +73,14 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(f"the admin key must be at least {MIN_ADMIN_KEY_CHARS} characters long "
+                             "(`promptintern admin-key` generates one)")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

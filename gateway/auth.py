@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
+from pydantic import SecretStr
 
 from gateway.errors import Unauthorized
 
@@ -15,8 +16,15 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _matches(token: str | None, keys: list[str]) -> bool:
-    return token is not None and any(hmac.compare_digest(token, key) for key in keys)
+def _matches(token: str | None, keys: list[SecretStr]) -> bool:
+    """Constant-time comparison of the header's bytes with the UTF-8 key (any bytes a client sends are safe).
+
+    The ASGI server decodes header bytes as latin-1, so encoding back to latin-1 gives the bytes as sent.
+    """
+    if token is None:
+        return False
+    sent = token.encode("latin-1")
+    return any(hmac.compare_digest(sent, key.get_secret_value().encode("utf-8")) for key in keys)
 
 
 async def require_api_key(request: Request) -> None:

@@ -10,13 +10,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from core.config import Settings
 
 ADMIN_KEY_FILE = "admin_key"
 
 
-def _settings() -> Settings:
-    return Settings()
+def _settings(**overrides: Any) -> Settings:
+    """The settings from the environment; an invalid one ends the command with a one-line message per field."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            print(f"promptintern: PROMPTINTERN_{name}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -31,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     if args.engine:
         overrides["engine"] = args.engine
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     if not settings.admin_key:
         print("promptintern serve: set PROMPTINTERN_ADMIN_KEY (the registry API's bearer token); "
               "`make serve` generates one for you", file=sys.stderr)
@@ -77,7 +86,7 @@ def vllm_extra_args(args: list[str]) -> list[str]:
 def ensure_admin_key(settings: Settings) -> str:
     """The key from the environment, else the one stored in DATA_DIR (created with mode 600)."""
     if settings.admin_key:
-        return settings.admin_key
+        return settings.admin_key.get_secret_value()
     path = settings.data_dir / ADMIN_KEY_FILE
     if path.is_file():
         return path.read_text().strip()
@@ -99,7 +108,7 @@ def _client(args: argparse.Namespace) -> Any:
 
     settings = _settings()
     url = args.url or f"http://{settings.host}:{settings.port}"
-    key = settings.admin_key
+    key = settings.admin_key.get_secret_value() if settings.admin_key else None
     if not key and (settings.data_dir / ADMIN_KEY_FILE).is_file():
         key = (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -53,5 +53,5 @@ class LocalGateway:
         self.thread.join(timeout=60)
 
     def admin(self) -> httpx.Client:
-        key = self.settings.admin_key or ""
+        key = self.settings.admin_key.get_secret_value() if self.settings.admin_key else ""
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=600)

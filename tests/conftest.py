@@ -20,7 +20,7 @@ from gateway.local_server import LocalGateway, free_port
 torch.set_num_threads(int(os.environ.get("PROMPTINTERN_TEST_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-0123456789"
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from trainer.lora import random_lora as make_lora
 from tests.conftest import ADMIN_KEY, LiveServer
+from trainer.lora import random_lora as make_lora
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEMPLATE = [
@@ -166,12 +166,12 @@ def test_n_choices_and_stop(tiny_server: LiveServer) -> None:
     assert r.headers["x-promptintern-route"] == "passthrough"
     base = chat(tiny_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).json()
     text = base["choices"][0]["message"]["content"]
-    if len(text) > 2:
-        stop = text[2:4] or text[2]
-        stopped = chat(tiny_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-                                     "stop": [stop]}).json()
-        assert stopped["choices"][0]["message"]["content"] == text[: text.index(stop)]
-        assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert len(text) > 3, f"the tiny model's greedy answer is deterministic and longer than this: {text!r}"
+    stop = text[2:4]
+    stopped = chat(tiny_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                                 "stop": [stop]}).json()
+    assert stopped["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
 def test_seeded_sampling_is_reproducible(tiny_server: LiveServer) -> None:
@@ -341,17 +341,31 @@ def test_adapter_missing_from_engine_falls_back_for_that_request(tiny_server: Li
         admin.delete("/v1/prompts/evicted")
 
 
+def _sample(text: str, series: str) -> float:
+    """The value of one exposition line (0 when the series is not there yet)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_metrics_count_routes_and_adapters(tiny_server: LiveServer) -> None:
+    passthrough = 'promptintern_requests_total{prompt="none",route="passthrough"}'
+    unknown_model = 'promptintern_request_errors_total{code="404",route="none"}'
+    too_long = 'promptintern_request_errors_total{code="400",route="passthrough"}'
+    before = httpx.get(f"{tiny_server.url}/metrics").text
+    assert chat(tiny_server, {"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    assert chat(tiny_server, {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+    assert chat(tiny_server, {"messages": [{"role": "user", "content": "word " * 2000}]}).status_code == 400
     text = httpx.get(f"{tiny_server.url}/metrics").text
+    for series in (passthrough, unknown_model, too_long):
+        assert _sample(text, series) == _sample(before, series) + 1, series
     for name in ("promptintern_requests_total", "promptintern_original_prompt_tokens_total",
                  "promptintern_sent_prompt_tokens_total", "promptintern_saved_prompt_tokens_total",
                  "promptintern_saved_cost_usd_total", "promptintern_request_duration_seconds_bucket",
                  "promptintern_time_to_first_token_seconds_bucket", "promptintern_detection_duration_seconds_bucket",
                  "promptintern_adapters", "promptintern_request_errors_total"):
         assert name in text, name
-    assert 'promptintern_requests_total{prompt="none",route="passthrough"}' in text
-    assert 'promptintern_request_errors_total{code="404",route="none"}' in text  # unknown model
-    assert 'promptintern_request_errors_total{code="400",route="passthrough"}' in text  # context length
 
 
 def test_cli_manages_prompts_on_a_running_gateway(tiny_server: LiveServer, tiny_adapters: dict[str, Path],
