@@ -8,6 +8,7 @@ difference of medians is the gateway's cost: HTTP, parsing, detection, token cou
 from __future__ import annotations
 
 import asyncio
+import secrets
 import statistics
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from benchmarks.latency import percentile
 from core.basemodel import base_model_dir
@@ -44,7 +46,8 @@ def run(settings: Settings, requests: int = 40) -> dict[str, Any]:
         adapter = random_lora(model_dir, root / "adapter", seed=0, scale=0.3)
         bench_settings = settings.model_copy(update={
             "data_dir": root / "data", "adapter_dir": root / "adapters", "base_model": model_dir,
-            "admin_key": "bench", "port": free_port(), "host": "127.0.0.1", "api_keys": []})
+            "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1",
+            "api_keys": []})
         with LocalGateway(bench_settings) as gateway:
             with gateway.admin() as admin:
                 r = admin.post("/v1/prompts", json={"name": "bench", "messages": TEMPLATE,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from benchmarks import prometheus as prom
 from benchmarks.deploy import DeployFiles
@@ -123,7 +124,8 @@ def demo_stack(settings: Settings, model_path: Path | None = None,
         sql_adapter = random_lora(model, root / "sql-lora", seed=2, scale=0.3)
         demo = settings.model_copy(update={
             "data_dir": root / "data", "adapter_dir": root / "adapters", "base_model": model,
-            "admin_key": secrets.token_urlsafe(24), "port": free_port(), "host": "127.0.0.1", "api_keys": []})
+            "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1",
+            "api_keys": []})
         gateway = stack.enter_context(LocalGateway(demo))
         with gateway.admin() as admin:
             admin.post("/v1/prompts", json={"name": "nl2bash", "messages": BASH,

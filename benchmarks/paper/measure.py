@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from benchmarks.paper.adapters import AdapterInfo
 from benchmarks.paper.conditions import Condition, Measurement
@@ -168,7 +169,7 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
     """Row 8: the real gateway on the same engine, the worked-example prompt registered with its adapter."""
     gateway_settings = settings.model_copy(update={
         "data_dir": root / "gateway-data", "adapter_dir": root / "gateway-adapters",
-        "admin_key": secrets.token_urlsafe(24), "port": free_port(), "host": "127.0.0.1", "api_keys": [],
+        "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1", "api_keys": [],
         "model_aliases": []})
     progress.say(f"row {condition.number}: starting the gateway ({settings.engine} engine) and registering "
                  f"{example.name!r} with {adapter.path}")
