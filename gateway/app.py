@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -113,17 +115,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         the_engine = engine or build_engine(settings)
         await the_engine.start()
         counter = TokenCounter.from_model_dir(model_dir)
-        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics)
+
+        # The runner reaches the service through these callbacks only, first called after `runner.start()`.
+        async def activate_trained(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
+            return await prompts.activate_trained(name, version, path, manifest)
+
+        runner = JobRunner(settings, registry, store, model_dir, activate=activate_trained,
+                           versions_changed=lambda: prompts.refresh_gauge())
+        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.registry = registry
         app.state.engine = the_engine
         app.state.prompts = prompts
+        app.state.jobs = runner
         app.state.inference = InferenceService(settings, the_engine, prompts, counter, metrics)
         app.state.started_at = int(time.time())
         await prompts.sync()
-        runner = JobRunner(settings, registry, store, prompts, model_dir)
-        prompts.jobs = runner
         await runner.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:

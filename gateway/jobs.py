@@ -5,6 +5,10 @@ database only one trains at a time; jobs run in the order they were queued. A jo
 spawned child process, so the gateway keeps serving while it trains. A job whose runner died
 (gateway restart, crash) is marked interrupted and queued again once; its half-written adapter
 folder never becomes visible (the trainer renames a finished folder into place).
+
+`trainer.jobspec` is the gateway's only way into the trainer: a `TrainData` validated at submission
+and queued here, a `JobSpec` handed to the training process, a `TrainResult` (adapter folder and
+manifest) back.
 """
 
 from __future__ import annotations
@@ -18,99 +22,63 @@ import queue
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from core.config import Settings
-from gateway.errors import Unprocessable
-from gateway.prompts.protocol import TrainSpec
+from pydantic import ValidationError
+
 from core.adapter_store import AdapterStore
+from core.config import Settings
+from core.templates import PromptTemplate
+from gateway.prompts.protocol import TrainSpec
 from gateway.registry.db import utcnow
 from gateway.registry.store import JobRecord, PromptRegistry
-from core.templates import PromptTemplate
+from trainer import jobspec
+from trainer.jobspec import JobSpec, TrainData, TrainResult
 
 log = logging.getLogger(__name__)
 LEASE_TTL = timedelta(seconds=30)
 POLL_S = 1.0
 MAX_ATTEMPTS = 2  # a job interrupted once is queued again once
 
+ActivateVersion = Callable[[str, int, Path, dict[str, Any]], Awaitable[bool]]
+"""Load, warm and route to a finished version (prompt, version, adapter folder, manifest); False if it failed."""
+
+
+class TrainingJobs(Protocol):
+    """What the prompt service needs of the job runner: queue a prompt's training, stop a deleted prompt's."""
+
+    async def submit(self, name: str, data: TrainData) -> JobRecord: ...
+
+    async def cancel(self, name: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class _Child:
     process: Any  # multiprocessing.Process (spawn context)
-    messages: Any  # multiprocessing.Queue
+    messages: Any  # multiprocessing.Queue of trainer.jobspec.ChildMessage
 
 
-def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> dict[str, Any]:
-    """Validate a `train` object now (a 422 at submission, not a failed job later); return the job spec."""
-    from trainer.data import TrainDataError, load_jsonl, validate_rows
-    from trainer.schedule import ScheduleError, schedule_from_overrides
-
-    if (spec.data is None) == (spec.path is None):
-        raise Unprocessable("give exactly one of 'data' (rows) or 'path' (a server-side JSONL file)", param="train",
-                            code="invalid_train_data")
-    try:
-        raw = spec.data if spec.data is not None else load_jsonl(Path(spec.path or ""))
-        rows = validate_rows(template, raw)
-    except TrainDataError as exc:
-        raise Unprocessable(str(exc), param="train.data" if spec.data is not None else "train.path",
-                            code="invalid_train_data") from exc
-    try:
-        schedule = schedule_from_overrides(spec.schedule)
-    except (ScheduleError, ValueError, TypeError) as exc:
-        raise Unprocessable(f"invalid schedule: {exc}", param="train.schedule", code="invalid_schedule") from exc
-    if not schedule.trains:
-        raise Unprocessable("the schedule trains nothing", param="train.schedule", code="invalid_schedule")
-    return {"rows": rows, "schedule": spec.schedule or {}, "eval_fraction": spec.eval_fraction}
-
-
-def _train_child(payload: dict[str, Any], messages: Any) -> None:
-    """Entry point of the training process: run the trainer, report progress and the outcome."""
-    try:
-        from core.templates import parse_template
-        from trainer.evaluate import EvalOptions
-        from trainer.schedule import schedule_from_overrides
-        from trainer.train import TrainJob, TrainProgress, train_prompt
-
-        if payload["kind"] == "completion":
-            template = parse_template(prompt=payload["template"], max_chars=10**9)
-        else:
-            template = parse_template(messages=payload["template"], max_chars=10**9)
-        eval_fraction = float(payload["eval_fraction"])
-        job = TrainJob(
-            name=payload["name"], template=template, rows=payload["rows"], out_dir=Path(payload["out_dir"]),
-            base_model_dir=Path(payload["base_model_dir"]), served_model_name=payload["served_model_name"],
-            examples=payload["examples"], schedule=schedule_from_overrides(payload["schedule"]),
-            eval_fraction=eval_fraction, evaluation=EvalOptions(enabled=eval_fraction > 0),
-            lora_rank=payload["lora_rank"], lora_targets=payload["lora_targets"],
-            cache_dir=Path(payload["cache_dir"]), threads=payload["threads"],
-        )
-
-        def report(p: TrainProgress) -> None:
-            messages.put(("progress", {
-                "phase": p.phase, "stage": p.stage_index + 1, "stages": p.stage_count, "stage_name": p.stage_name,
-                "step": p.step, "steps": p.total_steps, "global_step": p.global_step,
-                "global_steps": p.global_total_steps, "loss": p.loss,
-                "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
-            }))
-
-        messages.put(("done", train_prompt(job, report)))
-    except BaseException as exc:  # the parent must learn why, whatever it was
-        messages.put(("error", f"{type(exc).__name__}: {exc}"))
+def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> TrainData:
+    """Validate a REST `train` object now (a 422 at submission, not a failed job later); the data to queue."""
+    return jobspec.validate_submission(template, data=spec.data, path=spec.path, schedule=spec.schedule,
+                                       eval_fraction=spec.eval_fraction, param="train")
 
 
 class JobRunner:
     """Runs queued training jobs one at a time while this replica holds the runner lease."""
 
-    def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, prompts: Any,
-                 base_model_dir: Path) -> None:
+    def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, base_model_dir: Path, *,
+                 activate: ActivateVersion, versions_changed: Callable[[], None]) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
-        self.prompts = prompts  # PromptService: activates a finished version
         self.base_model_dir = base_model_dir
+        self._activate = activate
+        self._versions_changed = versions_changed  # a version was added or failed: refresh what depends on it
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._task: asyncio.Task[None] | None = None
         self._child: _Child | None = None
@@ -128,8 +96,14 @@ class JobRunner:
         self._stop_child()
         await asyncio.to_thread(self.registry.release_lease, self.owner)
 
-    def submit(self, name: str, spec: dict[str, Any]) -> JobRecord:
-        job = self.registry.create_job(name, spec)
+    @property
+    def running_job(self) -> int | None:
+        """The id of the job this runner is working on (training or publishing), if any."""
+        return self._running_job
+
+    async def submit(self, name: str, data: TrainData) -> JobRecord:
+        """Queue a job (validated data) and wake the loop; jobs run in the order they were queued."""
+        job = await asyncio.to_thread(self.registry.create_job, name, data.model_dump(mode="json"))
         self._wake.set()
         return job
 
@@ -186,32 +160,45 @@ class JobRunner:
                                          "; queued again" if again else ""), finished_at=None if again else utcnow())
 
     async def _run(self, job: JobRecord) -> None:
+        self._running_job = job.id
+        try:
+            await self._train(job)
+        finally:
+            self._running_job = None
+
+    async def _train(self, job: JobRecord) -> None:
+        """Train one job in a child process, relay its progress, then publish or fail its version."""
+        try:
+            data = TrainData.model_validate(job.spec)
+        except ValidationError as exc:  # written by another release of the gateway, perhaps
+            await asyncio.to_thread(self.registry.update_job, job.id, status="failed", finished_at=utcnow(),
+                                    error=f"the queued job's data is not readable: {exc}")
+            return
         record = await asyncio.to_thread(self.registry.get, job.prompt)
-        version = await asyncio.to_thread(self.registry.add_version, job.prompt, "training", "train",
-                                          self.store.highest_version(job.prompt))
+        version = await asyncio.to_thread(self.registry.allocate_version, job.prompt, "training", "train", self.store)
         await asyncio.to_thread(self.registry.update_job, job.id, status="running", started_at=utcnow(),
                                 version=version, attempts=job.attempts + 1, progress={"phase": "starting"})
-        self.prompts.refresh_gauge()
-        out_dir = self.store.version_dir(job.prompt, version)
-        payload = {
-            **job.spec, "name": job.prompt, "kind": record.kind, "template": record.template,
-            "examples": record.examples, "out_dir": str(out_dir), "base_model_dir": str(self.base_model_dir),
-            "served_model_name": self.settings.served_model_name, "lora_rank": self.settings.lora_rank,
-            "lora_targets": list(self.settings.lora_targets), "threads": self.settings.train_threads,
-            "cache_dir": str(self.settings.data_dir / "trainer-cache"),
-        }
+        self._versions_changed()
+        spec = JobSpec(
+            prompt=job.prompt, kind=record.kind, template=record.template, examples=record.examples,
+            data=data, out_dir=self.store.version_dir(job.prompt, version),
+            base_model_dir=self.base_model_dir, served_model_name=self.settings.served_model_name,
+            lora_rank=self.settings.lora_rank, lora_targets=list(self.settings.lora_targets),
+            cache_dir=self.settings.data_dir / "trainer-cache", threads=self.settings.train_threads,
+        )
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
-        process = context.Process(target=_train_child, args=(payload, messages), name=f"train-{job.id}", daemon=True)
-        self._child, self._running_job = _Child(process, messages), job.id
+        process = context.Process(target=jobspec.run_in_child, args=(spec.model_dump(mode="json"), messages),
+                                  name=f"train-{job.id}", daemon=True)
+        self._child = _Child(process, messages)
         log.info("training job %d: %s version %d", job.id, job.prompt, version)
-        process.start()
         try:
+            process.start()
             outcome = await self._follow(job, messages, process)
         finally:
             self._stop_child()
-            self._child, self._running_job = None, None
-        await self._finish(job, version, out_dir, outcome)
+            self._child = None
+        await self._finish(job, version, spec.out_dir, outcome)
 
     async def _follow(self, job: JobRecord, messages: Any, process: Any) -> tuple[str, Any]:
         """Relay progress into the job row and keep the lease alive until the child reports."""
@@ -223,7 +210,9 @@ class JobRunner:
                 if not process.is_alive():
                     return "error", f"the training process exited with code {process.exitcode}"
                 kind, body = "tick", None
-            if kind in ("done", "error"):
+            if kind == "done":
+                return kind, TrainResult.model_validate(body)
+            if kind == "error":
                 return kind, body
             now = time.monotonic()
             if now - last_write >= POLL_S:
@@ -247,9 +236,10 @@ class JobRunner:
                                     error=str(body))
             await asyncio.to_thread(self.registry.update_job, job.id, status="failed", error=str(body),
                                     finished_at=utcnow())
-            self.prompts.refresh_gauge()
+            self._versions_changed()
             return
-        ok = await self.prompts.activate_trained(job.prompt, version, out_dir, body)
+        result: TrainResult = body
+        ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)
         await asyncio.to_thread(self.registry.update_job, job.id, status="succeeded" if ok else "failed",
                                 error=None if ok else "the trained adapter did not load", finished_at=utcnow(),
                                 progress={"phase": "done"})

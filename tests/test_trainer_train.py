@@ -24,8 +24,9 @@ from trainer.cache import find_cached_adapter
 from trainer.data import TrainDataError, validate_rows
 from trainer.dataset import StageBuilder
 from trainer.evaluate import EvalOptions, score
+from trainer.job import TrainCancelled, TrainJob, TrainProgress, adapter_cache_key_for
 from trainer.schedule import ScheduleError, preset
-from trainer.train import TrainCancelled, TrainJob, TrainProgress, adapter_cache_key_for, train_prompt
+from trainer.train import train_prompt
 
 __all__ = ["smollm_dir", "tiny_tokenizer", "trainer_tiny_model"]
 TEMPLATE = parse_template(messages=tiny_messages())

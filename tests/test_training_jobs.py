@@ -1,20 +1,26 @@
-"""Training started from the registry: REST job end to end, status transitions, bad input, restart."""
+"""Training started from the registry: REST job end to end, status transitions, bad input, restart.
+
+Every test stands alone: those that need a trained version share one module fixture, and assert
+against the version that is active when they start, not against what earlier tests left.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from core.adapter_store import AdapterStore
 from core.config import Settings
 from gateway.jobs import JobRunner
-from core.adapter_store import AdapterStore
 from gateway.registry.store import PromptRegistry
 from tests.conftest import LiveServer, gateway_settings
+from trainer.jobspec import TrainData
 
 TEMPLATE = [
     {"role": "system", "content": "Translate to bash.\nInput: list files\nOutput: ls"},
@@ -22,6 +28,33 @@ TEMPLATE = [
 ]
 ROWS = [{"query": f"show file number {i}", "response": f"cat file{i}.txt"} for i in range(12)]
 SCHEDULE = {"steps_per_stage": [2, 1, 1, 2], "batch_size": 4, "retrieval": "bm25", "warmup_steps": 0}
+POLL_S = 0.2
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def wait_for_job(admin: httpx.Client, name: str, seen: set[str], timeout: float = 240) -> dict[str, Any]:
+    """The prompt object once its latest job has finished; `seen` collects the job and version statuses."""
+
+    def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = admin.get(f"/v1/prompts/{name}").json()
+        job = body.get("job") or {}
+        seen.add(job.get("status", ""))
+        seen.update("version:" + v["status"] for v in body["versions"])
+        return body if job.get("status") in ("succeeded", "failed", "interrupted") else None
+
+    body: dict[str, Any] = wait_until(finished, f"the training job of {name} to finish", timeout)
+    return body
 
 
 @pytest.fixture(scope="module")
@@ -30,37 +63,49 @@ def server(tiny_model_path: Path, module_tmp: Path) -> Iterator[LiveServer]:
         yield live
 
 
-def wait_for_job(admin: httpx.Client, name: str, seen: set[str], timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = admin.get(f"/v1/prompts/{name}").json()
-        job = body.get("job") or {}
-        seen.add(job.get("status", ""))
-        for version in body["versions"]:
-            seen.add("version:" + version["status"])
-        if job.get("status") in ("succeeded", "failed", "interrupted"):
-            return body  # type: ignore[no-any-return]
-        time.sleep(0.3)
-    raise AssertionError(f"job of {name} did not finish: {body}")
+@dataclass(frozen=True)
+class FirstTraining:
+    """What registering `bash` with a `train` object did, observed while it trained."""
+
+    registered: httpx.Response
+    during: httpx.Response
+    body: dict[str, Any]
+    seen: set[str]
 
 
-def test_register_with_train_runs_a_job_and_serves_the_adapter(server: LiveServer) -> None:
+@pytest.fixture(scope="module")
+def trained(server: LiveServer) -> FirstTraining:
+    """`bash`, registered with training data: its first job run to the end."""
     seen: set[str] = set()
     with server.admin() as admin:
-        r = admin.post("/v1/prompts", json={
+        registered = admin.post("/v1/prompts", json={
             "name": "bash", "messages": TEMPLATE, "examples": [{"query": "list files", "response": "ls"}],
             "train": {"data": ROWS, "schedule": SCHEDULE, "eval_fraction": 0.25}})
-        assert r.status_code == 201, r.text
-        assert r.json()["job"]["status"] in ("queued", "running")
-        # The gateway keeps serving while the job trains in its own process.
-        ok = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        assert registered.status_code == 201, registered.text
+        during = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
             "model": server.settings.served_model_name, "max_tokens": 2,
             "messages": [TEMPLATE[0], {"role": "user", "content": "Input: x\nOutput:"}]})
-        assert ok.status_code == 200 and ok.headers["x-promptintern-route"] in ("fallback", "adapter")
         body = wait_for_job(admin, "bash", seen)
+    return FirstTraining(registered, during, body, seen)
+
+
+@pytest.fixture(scope="module")
+def untrained(server: LiveServer) -> str:
+    """A registered prompt with no adapter and no job: the target of requests that must be refused."""
+    with server.admin() as admin:
+        assert admin.post("/v1/prompts", json={"name": "plain", "messages": TEMPLATE}).status_code == 201
+    return "plain"
+
+
+def test_register_with_train_runs_a_job_and_serves_the_adapter(server: LiveServer, trained: FirstTraining) -> None:
+    assert trained.registered.json()["job"]["status"] in ("queued", "running")
+    # The gateway keeps serving while the job trains in its own process.
+    assert trained.during.status_code == 200
+    assert trained.during.headers["x-promptintern-route"] in ("fallback", "adapter")
+    body = trained.body
     assert body["job"]["status"] == "succeeded", body
     assert body["status"] == "ready" and body["active_version"] == 1
-    assert "running" in seen or "version:training" in seen
+    assert "running" in trained.seen or "version:training" in trained.seen
     manifest = body["versions"][0]["manifest"]
     assert manifest["prompt_hash"] and manifest["schedule"]["hash"] and len(manifest["stages"]) == 4
     assert manifest["evaluation"] is not None
@@ -72,68 +117,81 @@ def test_register_with_train_runs_a_job_and_serves_the_adapter(server: LiveServe
     assert routed.headers["x-promptintern-route"] == "adapter"
 
 
-def test_second_job_makes_version_two_and_keeps_v1_until_ready(server: LiveServer) -> None:
+def test_a_new_job_makes_the_next_version_and_keeps_the_old_one_until_ready(
+        server: LiveServer, trained: FirstTraining) -> None:
     seen: set[str] = set()
     with server.admin() as admin:
+        before = admin.get("/v1/prompts/bash").json()["active_version"]
+        assert before is not None
         r = admin.post("/v1/prompts/bash/train", json={"data": ROWS, "schedule": SCHEDULE, "eval_fraction": 0})
         assert r.status_code == 202, r.text
         assert r.json()["status"] == "queued"
         during = admin.get("/v1/prompts/bash").json()
-        assert during["active_version"] == 1 and during["status"] == "ready"  # v1 serves meanwhile
+        assert during["active_version"] == before and during["status"] == "ready"  # the old version serves meanwhile
         body = wait_for_job(admin, "bash", seen)
-    assert body["job"]["status"] == "succeeded" and body["active_version"] == 2
+    new = body["job"]["version"]
+    assert body["job"]["status"] == "succeeded" and new > before and body["active_version"] == new
     models = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
-    assert "bash@v2" in models and "bash@v1" not in models
+    assert f"bash@v{new}" in models and f"bash@v{before}" not in models
 
 
-def test_a_failing_job_leaves_the_previous_version_in_service(server: LiveServer) -> None:
+def test_a_failing_job_leaves_the_previous_version_in_service(server: LiveServer, trained: FirstTraining) -> None:
     seen: set[str] = set()
     with server.admin() as admin:
+        before = admin.get("/v1/prompts/bash").json()["active_version"]
+        assert before is not None
         # Rows far longer than the tiny model's 512-token context: the trainer refuses them.
         long_rows = [{"query": "word " * 600, "response": "ls"} for _ in range(4)]
         r = admin.post("/v1/prompts/bash/train", json={"data": long_rows, "schedule": SCHEDULE, "eval_fraction": 0})
         assert r.status_code == 202
         body = wait_for_job(admin, "bash", seen)
     assert body["job"]["status"] == "failed" and "max_length" in body["job"]["error"]
-    assert body["active_version"] == 2 and body["status"] == "ready"
+    assert body["active_version"] == before and body["status"] == "ready"
     assert body["versions"][-1]["status"] == "failed"
 
 
-@pytest.mark.parametrize("train,param", [
-    ({"data": []}, "train.data"),
-    ({"data": [{"query": "x"}]}, "train.data"),
-    ({"data": [{"other": "x", "response": "y"}]}, "train.data"),
-    ({"path": "/nonexistent.jsonl"}, "train.path"),
-    ({"data": ROWS, "schedule": {"bogus_field": 1}}, "train.schedule"),
-    ({}, "train"),
+@pytest.mark.parametrize("train,param,code", [
+    ({"data": []}, "train.data", "invalid_train_data"),
+    ({"data": [{"query": "x"}]}, "train.data", "invalid_train_data"),
+    ({"data": [{"other": "x", "response": "y"}]}, "train.data", "invalid_train_data"),
+    ({"data": ROWS[:1], "eval_fraction": 0.5}, "train.data", "invalid_train_data"),  # nothing left to train on
+    ({"path": "/nonexistent.jsonl"}, "train.path", "invalid_train_data"),
+    ({"data": ROWS, "schedule": {"bogus_field": 1}}, "train.schedule", "invalid_schedule"),
+    ({"data": ROWS, "schedule": {"preset": "none"}}, "train.schedule", "invalid_schedule"),
+    ({}, "train", "invalid_train_data"),
 ])
-def test_bad_training_input_is_422(server: LiveServer, train: dict[str, Any], param: str) -> None:
+def test_bad_training_input_is_422(server: LiveServer, untrained: str, train: dict[str, Any], param: str,
+                                   code: str) -> None:
     with server.admin() as admin:
-        r = admin.post("/v1/prompts/bash/train", json=train)
+        r = admin.post(f"/v1/prompts/{untrained}/train", json=train)
         assert r.status_code == 422, r.text
-        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == code
+        assert admin.get(f"/v1/prompts/{untrained}").json()["job"] is None  # nothing was queued
         assert admin.post("/v1/prompts/nothing/train", json={"data": ROWS}).status_code == 404
 
 
-def test_malformed_server_side_file_is_422(server: LiveServer, tmp_path: Path) -> None:
+def test_malformed_server_side_file_is_422(server: LiveServer, untrained: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "a", "response": "b"}\nnot json\n')
     with server.admin() as admin:
-        r = admin.post("/v1/prompts/bash/train", json={"path": str(bad)})
+        r = admin.post(f"/v1/prompts/{untrained}/train", json={"path": str(bad)})
     assert r.status_code == 422 and "line 2" in r.json()["error"]["message"]
 
 
 def test_delete_cancels_a_running_job(server: LiveServer) -> None:
+    runner: JobRunner = server.app.state.jobs
     with server.admin() as admin:
         slow = {**SCHEDULE, "steps_per_stage": [200, 200, 200, 200]}
-        assert admin.post("/v1/prompts", json={"name": "doomed", "messages": TEMPLATE,
-                                               "train": {"data": ROWS, "schedule": slow}}).status_code == 201
-        deadline = time.monotonic() + 60
-        while admin.get("/v1/prompts/doomed").json()["job"]["status"] != "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        r = admin.post("/v1/prompts", json={"name": "doomed", "messages": TEMPLATE,
+                                            "train": {"data": ROWS, "schedule": slow}})
+        assert r.status_code == 201
+        job_id = r.json()["job"]["id"]
+        wait_until(lambda: admin.get("/v1/prompts/doomed").json()["job"]["status"] == "running",
+                   "the job to start running")
+        assert runner.running_job == job_id
         assert admin.delete("/v1/prompts/doomed").status_code == 204
-        time.sleep(3)
         assert admin.get("/v1/prompts/doomed").status_code == 404
+        wait_until(lambda: runner.running_job != job_id, "the runner to stop the deleted prompt's job")
     assert not (Path(server.settings.adapter_dir) / "doomed").exists()
 
 
@@ -141,16 +199,21 @@ def test_restart_marks_an_orphaned_job_interrupted_and_queues_it_again(tmp_path:
     """A job left `running` by a dead runner is requeued once, then given up."""
     registry = PromptRegistry(f"sqlite:///{tmp_path / 'r.db'}")
     registry.create("p", "chat", TEMPLATE, [])
-    job = registry.create_job("p", {"rows": ROWS, "schedule": SCHEDULE, "eval_fraction": 0})
+    data = TrainData(rows=ROWS, schedule=SCHEDULE, eval_fraction=0)
+    job = registry.create_job("p", data.model_dump(mode="json"))
     version = registry.add_version("p", "training", "train")
     registry.update_job(job.id, status="running", version=version, attempts=1)
 
-    runner = JobRunner(Settings(data_dir=tmp_path), registry, AdapterStore(tmp_path / "adapters"), prompts=None,
-                       base_model_dir=tmp_path)
+    async def never_activated(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
+        raise AssertionError("recovery publishes nothing")
+
+    runner = JobRunner(Settings(data_dir=tmp_path), registry, AdapterStore(tmp_path / "adapters"), tmp_path,
+                       activate=never_activated, versions_changed=lambda: None)
     runner._recover_interrupted()
     again = registry.get_job(job.id)
     assert again is not None and again.status == "queued" and "interrupted" in (again.error or "")
     assert registry.get("p").versions[0].status == "failed"
+    assert TrainData.model_validate(again.spec) == data  # the queued data survives the round trip
     registry.update_job(job.id, status="running", attempts=2)
     runner._recover_interrupted()
     final = registry.get_job(job.id)

@@ -193,7 +193,9 @@ def _inputs(args: argparse.Namespace) -> tuple[str, PromptTemplate, list[Row], l
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from core.basemodel import base_model_dir
-    from trainer.train import TrainJob, adapter_cache_key_for, evaluate_base, train_prompt
+    from trainer.heldout import evaluate_base
+    from trainer.job import TrainJob, adapter_cache_key_for
+    from trainer.train import train_prompt
 
     name, template, examples, rows, test_rows = _inputs(args)
     schedule = build_schedule(args)

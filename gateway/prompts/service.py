@@ -15,8 +15,8 @@ from core.config import Settings
 from core.errors import DomainError, NotFoundError
 from core.templates import PromptTemplate, TemplateError, parse_template
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
-from gateway.errors import APIError, ServiceUnavailable, Unprocessable
-from gateway.jobs import JobRunner, prepare_train_spec
+from gateway.errors import APIError, Unprocessable
+from gateway.jobs import TrainingJobs, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
@@ -91,7 +91,7 @@ class PromptService:
     """Owns the routing table; every change goes registry first, then engine, then routing."""
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, engine: Engine,
-                 matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics) -> None:
+                 matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics, jobs: TrainingJobs) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -102,7 +102,7 @@ class PromptService:
         self._routes: dict[str, RoutablePrompt] = {}
         self._by_adapter: dict[str, RoutablePrompt] = {}
         self._lock = asyncio.Lock()
-        self.jobs: JobRunner | None = None  # set by the app once the job runner exists
+        self.jobs = jobs
 
     # -- routing table -------------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ class PromptService:
         examples = validate_examples(template, body.examples)
         if body.adapter_path is not None:
             read_adapter_config(Path(body.adapter_path), self.settings.max_lora_rank)
-        train_spec = prepare_train_spec(template, body.train) if body.train is not None else None
+        train_spec = None if body.train is None else await asyncio.to_thread(prepare_train_spec, template, body.train)
         if train_spec is not None and body.adapter_path is not None:
             raise Unprocessable("give 'adapter_path' or 'train', not both", param="train", code="invalid_value")
         async with self._lock:
@@ -224,20 +224,15 @@ class PromptService:
                     await self._delete_locked(body.name)
                     raise
             if train_spec is not None:
-                await asyncio.to_thread(self._runner().submit, body.name, train_spec)
+                await self.jobs.submit(body.name, train_spec)
             self.refresh_gauge()
         return await asyncio.to_thread(self.registry.get, record.name)
-
-    def _runner(self) -> JobRunner:
-        if self.jobs is None:
-            raise ServiceUnavailable("the training job runner is not running", code="jobs_unavailable")
-        return self.jobs
 
     async def train(self, name: str, spec: TrainSpec) -> JobRecord:
         """Queue a training job for a registered prompt (validated now, trained in order)."""
         record = await asyncio.to_thread(self.registry.get, name)
-        prepared = prepare_train_spec(template_from_record(record), spec)
-        return await asyncio.to_thread(self._runner().submit, name, prepared)
+        prepared = await asyncio.to_thread(prepare_train_spec, template_from_record(record), spec)  # reads files
+        return await self.jobs.submit(name, prepared)
 
     async def activate_trained(self, name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
         """Load a freshly trained version, warm it, and route to it; a failure leaves the old one in service."""
@@ -315,8 +310,7 @@ class PromptService:
 
     async def _delete_locked(self, name: str) -> None:
         self._publish(None, name)  # routing stops at once
-        if self.jobs is not None:
-            await self.jobs.cancel(name)
+        await self.jobs.cancel(name)
         for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
             await self.engine.unload_adapter(model_id)
         versions: list[int] = []
