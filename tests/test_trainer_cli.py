@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from core.config import Settings
-from tests.trainer_fixtures import EXAMPLES, REPO, SERVED, smollm_dir, tiny_messages, tiny_rows, trainer_tiny_model
+from tests.trainer_fixtures import EXAMPLES, SERVED, smollm_dir, tiny_messages, tiny_rows, trainer_tiny_model
 from trainer.cli import add_train_parser, build_schedule, configure_parser, run_train
 
 __all__ = ["smollm_dir", "trainer_tiny_model"]
@@ -37,9 +37,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
     return {"template": template, "data": data}
 
 
-def test_standalone_help_explains_every_schedule_field() -> None:
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+def test_standalone_help_explains_every_schedule_field(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)  # the installed package, from anywhere
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     for flag in ("--keep-ratios", "--examples-per-stage", "--steps-per-stage", "--epochs-per-stage",

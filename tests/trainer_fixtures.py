@@ -5,16 +5,11 @@ Import the fixtures into a test module (`from tests.trainer_fixtures import trai
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
 SERVED = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PAIRS = [
@@ -58,12 +53,9 @@ def tiny_rows() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def smollm_dir() -> Path:
-    """The real SmolLM2 folder (materialised once); tests use its tokenizer and, rarely, its weights."""
-    from core.basemodel import base_model_dir
-    from core.config import Settings
-
-    return base_model_dir(Settings(data_dir=REPO / "data"))  # type: ignore[call-arg]
+def smollm_dir(base_model_path: Path) -> Path:
+    """The real SmolLM2 folder (conftest's, materialised once); tests use its tokenizer and, rarely, its weights."""
+    return base_model_path
 
 
 @pytest.fixture(scope="session")
