@@ -14,19 +14,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import __version__
+from core.adapter_store import AdapterStore
 from core.basemodel import base_model_dir
 from core.config import Settings
+from gateway import __version__
 from gateway.engines.base import Engine
 from gateway.errors import APIError, PayloadTooLarge, ServiceUnavailable, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
+from gateway.openai_api.planning import Planner
 from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
-from core.adapter_store import AdapterStore
 from gateway.registry.store import PromptRegistry
 from gateway.tokens import TokenCounter
 
@@ -129,7 +130,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = the_engine
         app.state.prompts = prompts
         app.state.jobs = runner
-        app.state.inference = InferenceService(settings, the_engine, prompts, counter, metrics)
+        app.state.planner = Planner(settings, prompts, counter, metrics)
+        app.state.inference = InferenceService(settings, the_engine, metrics)
         app.state.started_at = int(time.time())
         await prompts.sync()
         await runner.start()
