@@ -201,7 +201,7 @@ def test_restart_marks_an_orphaned_job_interrupted_and_queues_it_again(tmp_path:
     registry.create("p", "chat", TEMPLATE, [])
     data = TrainData(rows=ROWS, schedule=SCHEDULE, eval_fraction=0)
     job = registry.create_job("p", data.model_dump(mode="json"))
-    version = registry.add_version("p", "training", "train")
+    version = registry.allocate_version("p", "training", "train")
     registry.update_job(job.id, status="running", version=version, attempts=1)
 
     async def never_activated(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:

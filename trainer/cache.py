@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.adapter_store import read_manifest
+from core.adapter_store import read_manifest, version_dirs
 
-VERSION_DIR = re.compile(r"v(\d+)")
 MANIFEST = "manifest.json"
 
 
@@ -34,22 +32,6 @@ def base_model_identity(base_dir: Path, served_model_name: str) -> str:
         (p.name, p.stat().st_size) for p in base_dir.glob("*.safetensors")
     ) + sorted((p.name, p.stat().st_size) for p in base_dir.glob("*.bin"))
     return stable_hash({"config": config, "weights": weights, "served": served_model_name})
-
-
-def version_dirs(prompt_dir: Path) -> list[tuple[int, Path]]:
-    if not prompt_dir.is_dir():
-        return []
-    out = []
-    for child in prompt_dir.iterdir():
-        m = VERSION_DIR.fullmatch(child.name)
-        if m and child.is_dir():
-            out.append((int(m.group(1)), child))
-    return sorted(out)
-
-
-def next_version_dir(prompt_dir: Path) -> Path:
-    versions = version_dirs(prompt_dir)
-    return prompt_dir / f"v{(versions[-1][0] + 1) if versions else 1}"
 
 
 def find_cached_adapter(prompt_dir: Path, cache_key: str) -> Path | None:

@@ -16,9 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from core.adapter_store import next_version_dir, read_manifest
 from core.config import Settings
 from core.templates import PromptTemplate, TemplateError, parse_template
-from trainer.cache import find_cached_adapter, next_version_dir, read_manifest
+from trainer.cache import find_cached_adapter
 from trainer.data import Row, TrainDataError, load_jsonl, validate_examples, validate_rows
 from trainer.evaluate import EvalOptions, format_table
 from trainer.schedule import PRESETS, ProgressiveSchedule, ScheduleError, preset

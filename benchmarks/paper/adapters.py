@@ -72,7 +72,8 @@ def manifest_evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 def resolve_adapter(settings: Settings, example: Any, schedule: str, quick: bool, progress: Progress) -> AdapterInfo:
     """The cached adapter for this schedule, else one trained now (a tiny schedule under --quick)."""
-    from trainer.cache import find_cached_adapter, next_version_dir
+    from core.adapter_store import next_version_dir
+    from trainer.cache import find_cached_adapter
     from trainer.schedule import preset
     from trainer.train import adapter_cache_key_for, train_prompt
 

@@ -183,10 +183,6 @@ class PromptRegistry:
         return self._insert_next_version(name, status, source,
                                          (lambda: store.highest_version(name)) if store is not None else (lambda: 0))
 
-    def add_version(self, name: str, status: str, source: str, after: int = 0) -> int:
-        """`allocate_version` with the store's highest folder given as a number (the job runner's call)."""
-        return self._insert_next_version(name, status, source, lambda: after)
-
     def _insert_next_version(self, name: str, status: str, source: str, on_disk: Callable[[], int]) -> int:
         """Two writers that pick the same number collide on the (prompt, version) unique constraint: the
         loser rolls back and takes the next number, so concurrent uploads and trainings never clash."""
