@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from core.adapter_store import AdapterStore
 from core.basemodel import base_model_dir
@@ -32,6 +35,7 @@ from gateway.registry.store import PromptRegistry
 from gateway.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
+DOCS_ASSETS = "/docs/assets"
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -102,6 +106,23 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+def mount_docs(app: FastAPI) -> None:
+    """Swagger UI at `/docs` from the files of the swagger-ui-bundle-v2 package, not a CDN: it works offline."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
+        )
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
@@ -149,7 +170,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         description="OpenAI-compatible gateway that answers registered recurring prompts from LoRA adapters "
                     "trained to internalise them, so the long prompt is no longer sent (arXiv 2407.02211).",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    mount_docs(app)
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     register_exception_handlers(app)

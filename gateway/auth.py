@@ -1,43 +1,55 @@
-"""Bearer-key checks: the admin key for the registry, optional API keys for inference."""
+"""Bearer-key checks: the admin key for the registry, optional API keys for inference.
+
+Each check reads the header through FastAPI's `HTTPBearer(auto_error=False)`, which declares the scheme in
+the OpenAPI document (the Authorize button of `/docs`) and leaves every refusal to the checks here, so a
+missing or wrong key is a 401 in OpenAI's shape with this module's codes.
+"""
 
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from gateway.errors import Unauthorized
 
+admin_bearer = HTTPBearer(
+    scheme_name="AdminKey", auto_error=False,
+    description="`PROMPTINTERN_ADMIN_KEY`: every `/v1/prompts` route, reads included.",
+)
+api_bearer = HTTPBearer(
+    scheme_name="APIKey", auto_error=False,
+    description="One of `PROMPTINTERN_API_KEYS` when the gateway sets any (inference is open otherwise).",
+)
+AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]
+APICredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
-
-def _matches(token: str | None, keys: list[SecretStr]) -> bool:
+def _matches(credentials: HTTPAuthorizationCredentials | None, keys: list[SecretStr]) -> bool:
     """Constant-time comparison of the header's bytes with the UTF-8 key (any bytes a client sends are safe).
 
     The ASGI server decodes header bytes as latin-1, so encoding back to latin-1 gives the bytes as sent.
     """
-    if token is None:
+    if credentials is None:
         return False
-    sent = token.encode("latin-1")
+    sent = credentials.credentials.encode("latin-1")
     return any(hmac.compare_digest(sent, key.get_secret_value().encode("utf-8")) for key in keys)
 
 
-async def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request, credentials: APICredentials) -> None:
     keys = request.app.state.settings.api_keys
-    if keys and not _matches(_bearer(request), keys):
+    if keys and not _matches(credentials, keys):
         raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
 
-async def require_admin(request: Request) -> None:
+async def require_admin(request: Request, credentials: AdminCredentials) -> None:
     key = request.app.state.settings.admin_key
     if not key:
         raise Unauthorized("the registry API is disabled: PROMPTINTERN_ADMIN_KEY is not set", code="admin_disabled")
-    if not _matches(_bearer(request), [key]):
+    if not _matches(credentials, [key]):
         raise Unauthorized("the registry API needs 'Authorization: Bearer $PROMPTINTERN_ADMIN_KEY'",
                            code="invalid_admin_key")
