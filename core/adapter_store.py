@@ -140,6 +140,20 @@ def read_adapter_config(path: Path, max_rank: int) -> dict[str, Any]:
     return config
 
 
-def adapter_rank(config: dict[str, Any]) -> int:
-    """The largest rank in a PEFT LoRA config: `r`, or a larger one from `rank_pattern`."""
-    return max([int(config.get("r", 0)), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def adapter_rank(config: dict[str, Any], param: str = "adapter_path") -> int:
+    """The largest rank in a PEFT LoRA config: `r`, or a larger one from `rank_pattern`.
+
+    A config from a client may hold anything: a rank that is not a positive integer is an `invalid_adapter`.
+    """
+    if not _is_rank(config.get("r")):
+        raise InvalidAdapter(f"adapter_config.json: 'r' must be a positive integer, got {config.get('r')!r:.40}",
+                             param=param, code="invalid_adapter")
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_is_rank(v) for v in pattern.values()):
+        raise InvalidAdapter("adapter_config.json: 'rank_pattern' must map module names to positive integers",
+                             param=param, code="invalid_adapter")
+    return max([config["r"], *pattern.values()])

@@ -19,6 +19,7 @@ from core.errors import InvalidInput
 from core.templates import parse_template
 from tests.trainer_fixtures import EXAMPLES, SERVED, smollm_dir, tiny_messages, tiny_rows, trainer_tiny_model
 from trainer.jobspec import (
+    MAX_TRAIN_ROWS,
     ChildMessage,
     JobSpec,
     TrainData,
@@ -50,13 +51,35 @@ def make_spec(base: Path, out: Path, **data: Any) -> JobSpec:
     ({"data": tiny_rows(), "path": None, "eval_fraction": 1.0}, "train.eval_fraction", "invalid_train_data"),
     ({"data": None, "path": "/nonexistent.jsonl"}, "train.path", "invalid_train_data"),
     ({"data": tiny_rows(), "path": None, "schedule": {"bogus": 1}}, "train.schedule", "invalid_schedule"),
-    ({"data": tiny_rows(), "path": None, "schedule": {"learning_rate": -1}}, "train.schedule", "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"learning_rate": -1}}, "train.schedule.learning_rate",
+     "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"learning_rate": 5}}, "train.schedule.learning_rate",
+     "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"batch_size": "8"}}, "train.schedule.batch_size",
+     "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"batch_size": 10_000}}, "train.schedule.batch_size",
+     "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"steps_per_stage": [10**12, 1, 1, 1]}},
+     "train.schedule.steps_per_stage", "invalid_schedule"),
+    ({"data": tiny_rows(), "path": None, "schedule": {"preset": 3}}, "train.schedule.preset", "invalid_schedule"),
     ({"data": tiny_rows(), "path": None, "schedule": {"preset": "none"}}, "train.schedule", "invalid_schedule"),
+    ({"data": [tiny_rows()[0]] * (MAX_TRAIN_ROWS + 1), "path": None}, "train.data", "invalid_train_data"),
 ])
 def test_a_bad_submission_is_invalid_input_naming_the_field(kwargs: dict[str, Any], param: str, code: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         validate_submission(TEMPLATE, **kwargs)
     assert caught.value.param == param and caught.value.code == code and caught.value.message
+
+
+def test_epochs_that_add_up_to_too_many_steps_on_the_rows_given_are_refused() -> None:
+    rows = [{"query": f"list the files of folder {i}", "response": f"ls dir{i}"} for i in range(600)]
+    schedule = {"preset": "direct", "epochs_per_stage": [100], "batch_size": 1}
+    with pytest.raises(InvalidInput) as caught:
+        validate_submission(TEMPLATE, data=rows, path=None, schedule=schedule, eval_fraction=0.0)
+    assert caught.value.param == "train.schedule.epochs_per_stage" and "60000 optimiser steps" in caught.value.message
+    schedule["epochs_per_stage"] = [10]
+    accepted = validate_submission(TEMPLATE, data=rows, path=None, schedule=schedule, eval_fraction=0.0)
+    assert accepted.schedule == schedule and accepted.parsed_schedule().total_steps(len(rows)) == 6000
 
 
 def test_a_submission_from_a_file_names_the_bad_line(tmp_path: Path) -> None:

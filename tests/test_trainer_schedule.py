@@ -15,7 +15,17 @@ from core.templates import bare_query_messages, parse_template
 from tests.trainer_fixtures import EXAMPLES, smollm_dir, tiny_messages, tiny_rows, tiny_tokenizer, trainer_tiny_model
 from trainer.dataset import StageBuilder, prompt_text
 from trainer.loop import lr_scheduler
-from trainer.schedule import ProgressiveSchedule, ScheduleError, Stage, preset, schedule_from_overrides
+from trainer.schedule import (
+    MAX_STEP_SCALE,
+    MIN_STEP_SCALE,
+    PRESET_HELP,
+    PRESETS,
+    ProgressiveSchedule,
+    ScheduleError,
+    Stage,
+    preset,
+    schedule_from_overrides,
+)
 
 __all__ = ["smollm_dir", "tiny_tokenizer", "trainer_tiny_model"]
 
@@ -79,6 +89,65 @@ def test_epochs_per_stage_give_steps_from_the_data_size() -> None:
 def test_post_init_rejects_bad_schedules(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ScheduleError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         preset("promptintern", **overrides)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": 513}, "batch_size"), ({"batch_size": "8"}, "batch_size"),
+    ({"batch_size": True}, "batch_size"), ({"batch_size": 2.5}, "batch_size"),
+    ({"learning_rate": 0.5}, "learning_rate"), ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": "1e-3"}, "learning_rate"), ({"learning_rate": 10**400}, "learning_rate"),
+    ({"steps_per_stage": [30_000, 30_000, 1, 1]}, "steps_per_stage"), ({"steps_per_stage": [1, 2.5, 3, 4]},
+                                                                       "steps_per_stage"),
+    ({"epochs_per_stage": [1, 1, 1, 101]}, "epochs_per_stage"), ({"warmup_steps": 10**9}, "warmup_steps"),
+    ({"keep_ratios": [1.0] * 9, "examples_per_stage": [1] * 9, "steps_per_stage": [1] * 10}, "keep_ratios"),
+    ({"keep_ratios": [1, "a", 0.3]}, "keep_ratios"), ({"examples_per_stage": [33, 2, 1]}, "examples_per_stage"),
+    ({"max_batch_tokens": 10**6}, "max_batch_tokens"), ({"max_length": 10**6}, "max_length"),
+    ({"seed": -1}, "seed"), ({"seed": 2**32}, "seed"), ({"bare_stage": "yes"}, "bare_stage"),
+    ({"lr_scheduler": None}, "lr_scheduler"), ({"retrieval": ["bm25"]}, "retrieval"),
+    ({"steps_reference_rows": -1}, "steps_reference_rows"), ({"lora_alpha": 10**6}, "lora_alpha"),
+    ({"preset": 5}, "preset"), ({"preset": "lora"}, "preset"),
+])
+def test_every_override_is_typed_and_bounded_and_names_its_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ScheduleError) as caught:
+        schedule_from_overrides(overrides)
+    assert caught.value.field == field and field in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_whole_floats_count_as_integers_and_integers_as_floats() -> None:
+    s = schedule_from_overrides({"batch_size": 4.0, "weight_decay": 1, "steps_per_stage": [1, 2, 3, 4.0]})
+    assert (s.batch_size, s.weight_decay, s.steps_per_stage) == (4, 1.0, (1, 2, 3, 4))
+    assert isinstance(s.batch_size, int) and isinstance(s.weight_decay, float)
+
+
+def test_default_steps_scale_with_the_training_rows() -> None:
+    s = preset("promptintern")
+    assert s.steps_reference_rows == 200
+    per_stage = {rows: [st.num_steps(rows, s.batch_size) for st in s.stages()] for rows in (200, 400, 100)}
+    assert per_stage == {200: [30, 30, 30, 70], 400: [60, 60, 60, 140], 100: [15, 15, 15, 35]}
+    assert s.total_steps(10) == s.total_steps(200 * MIN_STEP_SCALE) == 42  # clamped: 1/4 of 160, per stage
+    assert s.total_steps(10**6) == s.total_steps(int(200 * MAX_STEP_SCALE)) == 1280
+    for rows in (20, 77, 206, 999, 5000):  # the baselines keep the same budget at any size (per-stage rounding)
+        assert abs(preset("direct").total_steps(rows) - s.total_steps(rows)) <= 2
+        assert abs(preset("full_prompt").total_steps(rows) - s.total_steps(rows)) <= 2
+
+
+def test_steps_a_caller_gives_are_literal_unless_they_ask_for_scaling() -> None:
+    literal = preset("promptintern", steps_per_stage=[5, 6, 7, 8])
+    assert literal.steps_reference_rows == 0 and literal.total_steps(10_000) == 26
+    scaled = preset("promptintern", steps_per_stage=[5, 6, 7, 8], steps_reference_rows=100)
+    assert [st.num_steps(200, 8) for st in scaled.stages()] == [10, 12, 14, 16]
+    assert preset("direct", epochs_per_stage=[2.0]).total_steps(80) == 20  # epochs: ceil(2 * 80 / 8)
+
+
+def test_demo_preset_is_short_fixed_and_says_it_is_demo_quality() -> None:
+    demo = preset("demo")
+    assert [s.kind for s in demo.stages()] == ["compressed", "bare"]
+    assert demo.total_steps(20) == demo.total_steps(206) == demo.total_steps(10_000) == sum(demo.steps_per_stage)
+    assert demo.total_steps(206) * demo.batch_size < preset("promptintern").total_steps(206) * 8 / 4
+    assert demo.inference == "bare" and demo.name == "demo"
+    assert "demo quality" in PRESET_HELP["demo"] and "2 minutes" in PRESET_HELP["demo"]
+    assert set(PRESETS) == set(PRESET_HELP) and "demo" in PRESETS
+    assert schedule_from_overrides({"preset": "demo"}) == demo
 
 
 def test_unknown_preset() -> None:

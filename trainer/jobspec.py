@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import InvalidInput
 from core.templates import PromptTemplate, TemplateKind, parse_template
 from trainer.data import TrainDataError, load_jsonl, split_indices, validate_rows
-from trainer.schedule import ProgressiveSchedule, ScheduleError, schedule_from_overrides
+from trainer.schedule import MAX_STEPS, ProgressiveSchedule, ScheduleError, schedule_from_overrides
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 INVALID_TRAIN_DATA = "invalid_train_data"
 INVALID_SCHEDULE = "invalid_schedule"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MAX_TRAIN_ROWS = 50_000
 ChildMessage = tuple[Literal["progress", "done", "error"], Any]
 """What the training process sends: ("progress", progress_json), then ("done", TrainResult JSON) or ("error", text)."""
 
@@ -100,7 +101,8 @@ def validate_submission(
 ) -> TrainData:
     """Check a training request against its template now; `param` prefixes the offending field's name.
 
-    Raises InvalidInput with code `invalid_train_data` (rows, file, split) or `invalid_schedule`.
+    Raises InvalidInput with code `invalid_train_data` (rows, file, split, more than MAX_TRAIN_ROWS rows)
+    or `invalid_schedule` (whose `param` names the schedule field, e.g. `train.schedule.batch_size`).
     """
     if (data is None) == (path is None):
         raise InvalidInput("give exactly one of 'data' (rows) or 'path' (a server-side JSONL file)", param=param,
@@ -109,19 +111,36 @@ def validate_submission(
     if not 0.0 <= eval_fraction < 1.0:
         raise InvalidInput(f"eval_fraction must lie in [0, 1), got {eval_fraction}", param=f"{param}.eval_fraction",
                            code=INVALID_TRAIN_DATA)
+    if data is not None and len(data) > MAX_TRAIN_ROWS:
+        raise InvalidInput(f"at most {MAX_TRAIN_ROWS} training rows, got {len(data)}", param=where,
+                           code=INVALID_TRAIN_DATA)
+    overrides = dict(schedule or {})
+    parsed = _parsed_schedule(overrides, f"{param}.schedule")
     try:
         rows = validate_rows(template, data if data is not None else load_jsonl(Path(path or "")))
-        split_indices(template, rows, eval_fraction)  # something must be left to train on
+        if len(rows) > MAX_TRAIN_ROWS:
+            raise TrainDataError(f"at most {MAX_TRAIN_ROWS} training rows, got {len(rows)}")
+        train_ids, _ = split_indices(template, rows, eval_fraction)  # something must be left to train on
     except TrainDataError as exc:
         raise InvalidInput(str(exc), param=where, code=INVALID_TRAIN_DATA) from exc
-    overrides = dict(schedule or {})
+    steps = parsed.total_steps(len(train_ids))
+    if steps > MAX_STEPS:
+        field = "epochs_per_stage" if parsed.epochs_per_stage else "steps_per_stage"
+        raise InvalidInput(f"the schedule runs {steps} optimiser steps on {len(train_ids)} training rows, more than "
+                           f"{MAX_STEPS}", param=f"{param}.schedule.{field}", code=INVALID_SCHEDULE)
+    return TrainData(rows=rows, schedule=overrides, eval_fraction=eval_fraction)
+
+
+def _parsed_schedule(overrides: dict[str, Any], param: str) -> ProgressiveSchedule:
+    """The submission's schedule, or InvalidInput whose `param` names the offending field."""
     try:
         parsed = schedule_from_overrides(overrides)
-    except (ScheduleError, ValueError, TypeError) as exc:
-        raise InvalidInput(f"invalid schedule: {exc}", param=f"{param}.schedule", code=INVALID_SCHEDULE) from exc
+    except ScheduleError as exc:
+        raise InvalidInput(f"invalid schedule: {exc}", param=f"{param}.{exc.field}" if exc.field else param,
+                           code=INVALID_SCHEDULE) from exc
     if not parsed.trains:
-        raise InvalidInput("the schedule trains nothing", param=f"{param}.schedule", code=INVALID_SCHEDULE)
-    return TrainData(rows=rows, schedule=overrides, eval_fraction=eval_fraction)
+        raise InvalidInput("the schedule trains nothing", param=param, code=INVALID_SCHEDULE)
+    return parsed
 
 
 def run(spec: JobSpec, report: ProgressCallback | None = None) -> TrainResult:
