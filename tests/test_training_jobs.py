@@ -155,7 +155,7 @@ def test_a_failing_job_leaves_the_previous_version_in_service(server: LiveServer
     ({"data": [{"query": "x"}]}, "train.data", "invalid_train_data"),
     ({"data": [{"other": "x", "response": "y"}]}, "train.data", "invalid_train_data"),
     ({"data": ROWS[:1], "eval_fraction": 0.5}, "train.data", "invalid_train_data"),  # nothing left to train on
-    ({"path": "/nonexistent.jsonl"}, "train.path", "invalid_train_data"),
+    ({"path": "/nonexistent.jsonl"}, "train.path", "invalid_import_path"),
     ({"data": ROWS, "schedule": {"bogus_field": 1}}, "train.schedule", "invalid_schedule"),
     ({"data": ROWS, "schedule": {"preset": "none"}}, "train.schedule", "invalid_schedule"),
     ({}, "train", "invalid_train_data"),
@@ -170,8 +170,8 @@ def test_bad_training_input_is_422(server: LiveServer, untrained: str, train: di
         assert admin.post("/v1/prompts/nothing/train", json={"data": ROWS}).status_code == 404
 
 
-def test_malformed_server_side_file_is_422(server: LiveServer, untrained: str, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jsonl"
+def test_malformed_server_side_file_is_422(server: LiveServer, untrained: str) -> None:
+    bad = Path(server.settings.resolved_import_dir) / "bad.jsonl"  # a training `path` is read from IMPORT_DIR only
     bad.write_text('{"query": "a", "response": "b"}\nnot json\n')
     with server.admin() as admin:
         r = admin.post(f"/v1/prompts/{untrained}/train", json={"path": str(bad)})

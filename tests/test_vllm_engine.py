@@ -50,7 +50,8 @@ def vllm(base_model_path: Path, module_tmp: Path) -> Iterator[VLLMProcess]:
 
 @pytest.fixture(scope="module")
 def adapters(base_model_path: Path, module_tmp: Path) -> dict[str, Path]:
-    return {name: random_lora(base_model_path, module_tmp / f"lora-{name}", seed=seed)
+    imports = module_tmp / "data" / "import"  # the gateway's IMPORT_DIR (DATA_DIR/import)
+    return {name: random_lora(base_model_path, imports / f"lora-{name}", seed=seed)
             for name, seed in (("a", 21), ("b", 22))}
 
 

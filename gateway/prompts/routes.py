@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from gateway.auth import require_admin
-from gateway.errors import ErrorResponse
+from gateway.errors import APIError, BadRequest, ErrorResponse
+from gateway.prompts.imports import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MAX_JSON_BYTES,
+    UPLOAD_FIELDS,
+    WEIGHTS_FILE,
+    upload_parts,
+)
 from gateway.prompts.protocol import AddAdapter, JobOut, PromptList, PromptOut, RegisterPrompt, TrainSpec, VersionOut
 from gateway.prompts.service import PromptService, job_out, version_out
 
@@ -45,9 +56,65 @@ async def get_prompt(name: str, prompts: Prompts) -> PromptOut:
     return prompts.describe(await prompts.get_prompt(name))
 
 
+class UnsupportedMediaType(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+def _file_part(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+            "description": description}
+
+
+ADD_ADAPTER_BODY: dict[str, Any] = {"required": True, "content": {
+    "application/json": {"schema": AddAdapter.model_json_schema()},
+    "multipart/form-data": {
+        "schema": {"type": "object", "required": [CONFIG_FILE, WEIGHTS_FILE], "additionalProperties": False,
+                   "properties": {
+                       CONFIG_FILE: _file_part("The PEFT LoRA config (`peft_type` LORA, rank within MAX_LORA_RANK)."),
+                       WEIGHTS_FILE: _file_part("The LoRA weights, safetensors only (no pickled .bin)."),
+                       MANIFEST_FILE: _file_part("Optional: the trainer's manifest (`inference` is honoured)."),
+                   }},
+        "encoding": {CONFIG_FILE: {"contentType": "application/json"},
+                     WEIGHTS_FILE: {"contentType": "application/octet-stream"},
+                     MANIFEST_FILE: {"contentType": "application/json"}},
+    },
+}}
+
+
+async def adapter_path_body(request: Request) -> AddAdapter:
+    """The JSON form of the request, parsed and validated as FastAPI would for a declared body."""
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"send application/json with {{\"adapter_path\": ...}} or multipart/form-data with "
+                                   f"{CONFIG_FILE} and {WEIGHTS_FILE}, not {media or 'no content type'}",
+                                   code="unsupported_media_type")
+    try:
+        payload = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    try:
+        return AddAdapter.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False), body=payload) from exc
+
+
 @router.post("/{name}/adapters", status_code=status.HTTP_201_CREATED, response_model=VersionOut,
-             summary="Upload an adapter as the prompt's next version; it is routable once ready")
-async def add_adapter(name: str, body: AddAdapter, prompts: Prompts) -> VersionOut:
+             summary="Add an adapter as the prompt's next version: a folder in IMPORT_DIR, or its files uploaded",
+             description=f"JSON `{{\"adapter_path\"}}` names a folder inside the gateway's import folder "
+                         f"(PROMPTINTERN_IMPORT_DIR); multipart/form-data uploads the files themselves ({CONFIG_FILE}, "
+                         f"{WEIGHTS_FILE}, optionally {MANIFEST_FILE}), up to MAX_UPLOAD_BYTES. Either way the "
+                         "adapter is checked by loading it onto the base model, and routed to once ready.",
+             openapi_extra={"requestBody": ADD_ADAPTER_BODY},
+             responses={413: {"model": ErrorResponse, "description": "The upload is larger than MAX_UPLOAD_BYTES"},
+                        415: {"model": ErrorResponse, "description": "Neither JSON nor multipart/form-data"}})
+async def add_adapter(name: str, request: Request, prompts: Prompts) -> VersionOut:
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        await prompts.get_prompt(name)  # a 404 before the upload is read
+        fields = len(UPLOAD_FIELDS) + 1  # one more than allowed, so an extra field gets a 422 naming it
+        async with request.form(max_files=fields, max_fields=fields, max_part_size=MAX_JSON_BYTES) as form:
+            return version_out(await prompts.upload_adapter(name, upload_parts(form.multi_items())))
+    body = await adapter_path_body(request)
     return version_out(await prompts.add_adapter(name, body.adapter_path))
 
 

@@ -6,22 +6,31 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from core.adapter_store import AdapterStore, read_adapter_config, read_manifest
+from core.adapter_store import AdapterStore
 from core.config import Settings
-from core.errors import DomainError, NotFoundError
+from core.errors import DomainError, InvalidInput, NotFoundError
 from core.templates import PromptTemplate, TemplateError, parse_template
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
 from gateway.errors import APIError, Unprocessable
 from gateway.jobs import TrainingJobs, prepare_train_spec
 from gateway.matcher import Matcher
 from gateway.metrics import GatewayMetrics
+from gateway.prompts.imports import (
+    AdapterFiles,
+    adapter_from_upload,
+    open_import_adapter,
+    read_import_jsonl,
+    stage_adapter,
+)
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
 from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, VersionRecord, check_prompt_name
 from gateway.tokens import TokenCounter
+from trainer.jobspec import TrainData
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,10 @@ class RoutablePrompt:
 def takes_bare_query(manifest: dict[str, Any] | None) -> bool:
     """Adapters trained with the prompt kept (the full-prompt baseline) must be sent the full prompt."""
     return (manifest or {}).get("inference") != "full_prompt"
+
+
+def inference_mode(manifest: dict[str, Any] | None) -> str:
+    return "bare" if takes_bare_query(manifest) else "full_prompt"
 
 
 def adapter_model_id(name: str, version: int) -> str:
@@ -135,6 +148,7 @@ class PromptService:
 
     async def sync(self) -> None:
         """Rebuild matcher and engine from the registry (gateway start, engine restart)."""
+        await asyncio.to_thread(self.settings.resolved_import_dir.mkdir, parents=True, exist_ok=True)
         leftovers = await asyncio.to_thread(self.store.remove_staging_leftovers)
         for path in leftovers:
             log.warning("removed a half-written adapter folder: %s", path)
@@ -206,19 +220,26 @@ class PromptService:
         except TemplateError as exc:
             raise Unprocessable(str(exc), param=exc.param or "messages", code="invalid_template") from exc
         examples = validate_examples(template, body.examples)
-        if body.adapter_path is not None:
-            read_adapter_config(Path(body.adapter_path), self.settings.max_lora_rank)
-        train_spec = None if body.train is None else await asyncio.to_thread(prepare_train_spec, template, body.train)
-        if train_spec is not None and body.adapter_path is not None:
+        if body.train is not None and body.adapter_path is not None:
             raise Unprocessable("give 'adapter_path' or 'train', not both", param="train", code="invalid_value")
+        train_spec = None if body.train is None else await self._prepare_training(template, body.train)
+        files = None if body.adapter_path is None else await self._open_import(body.adapter_path)
+        try:
+            return await self._register_checked(body, template, examples, files, train_spec)
+        finally:
+            if files is not None:
+                files.close()
+
+    async def _register_checked(self, body: RegisterPrompt, template: PromptTemplate, examples: list[dict[str, str]],
+                                files: AdapterFiles | None, train_spec: TrainData | None) -> PromptRecord:
         async with self._lock:
             record = await asyncio.to_thread(self.registry.create, body.name, template.kind, template.source(),
                                              examples)
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(body.name, template, static, None), body.name)
-            if body.adapter_path is not None:
+            if files is not None:
                 try:
-                    await self._add_adapter_locked(body.name, Path(body.adapter_path))
+                    await self._add_adapter_locked(body.name, files)
                 except (APIError, DomainError):
                     # Registration and adapter are one request: undo both, so a retry can succeed.
                     await self._delete_locked(body.name)
@@ -231,8 +252,21 @@ class PromptService:
     async def train(self, name: str, spec: TrainSpec) -> JobRecord:
         """Queue a training job for a registered prompt (validated now, trained in order)."""
         record = await asyncio.to_thread(self.registry.get, name)
-        prepared = await asyncio.to_thread(prepare_train_spec, template_from_record(record), spec)  # reads files
+        prepared = await self._prepare_training(template_from_record(record), spec)
         return await self.jobs.submit(name, prepared)
+
+    async def _prepare_training(self, template: PromptTemplate, spec: TrainSpec) -> TrainData:
+        """Validate a `train` object; a `path` is read here, from IMPORT_DIR only, and its rows handed on."""
+        if spec.path is None or spec.data is not None:
+            return await asyncio.to_thread(prepare_train_spec, template, spec)
+        rows = await asyncio.to_thread(read_import_jsonl, self.settings.resolved_import_dir, spec.path,
+                                       max_bytes=self.settings.max_upload_bytes)
+        try:
+            return await asyncio.to_thread(prepare_train_spec, template,
+                                           spec.model_copy(update={"data": rows, "path": None}))
+        except InvalidInput as exc:  # the rows came from the file: name it, not `data`
+            param = exc.param.replace("train.data", "train.path", 1) if exc.param else exc.param
+            raise InvalidInput(exc.message, param=param, code=exc.code) from exc
 
     async def activate_trained(self, name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
         """Load a freshly trained version, warm it, and route to it; a failure leaves the old one in service."""
@@ -258,27 +292,40 @@ class PromptService:
         return True
 
     async def add_adapter(self, name: str, adapter_path: str) -> VersionRecord:
-        """Upload an adapter as the prompt's next version; it answers once loaded and warmed."""
+        """Import an adapter folder from IMPORT_DIR as the prompt's next version; it answers once loaded and warmed."""
         await asyncio.to_thread(self.registry.get, name)
-        read_adapter_config(Path(adapter_path), self.settings.max_lora_rank)
+        with await self._open_import(adapter_path) as files:
+            return await self._add_checked(name, files)
+
+    async def upload_adapter(self, name: str, parts: Mapping[str, BinaryIO]) -> VersionRecord:
+        """An adapter uploaded as files (no shared filesystem needed), checked exactly like an import."""
+        await asyncio.to_thread(self.registry.get, name)
+        files = await asyncio.to_thread(adapter_from_upload, parts, max_rank=self.settings.max_lora_rank)
+        return await self._add_checked(name, files)
+
+    async def _open_import(self, adapter_path: str) -> AdapterFiles:
+        return await asyncio.to_thread(open_import_adapter, self.settings.resolved_import_dir, adapter_path,
+                                       max_rank=self.settings.max_lora_rank, max_bytes=self.settings.max_upload_bytes)
+
+    async def _add_checked(self, name: str, files: AdapterFiles) -> VersionRecord:
         async with self._lock:
-            version = await self._add_adapter_locked(name, Path(adapter_path))
+            version = await self._add_adapter_locked(name, files)
             self.refresh_gauge()
         return await asyncio.to_thread(self.registry.get_version, name, version)
 
-    async def _add_adapter_locked(self, name: str, source: Path) -> int:
+    async def _add_adapter_locked(self, name: str, files: AdapterFiles) -> int:
         record = await asyncio.to_thread(self.registry.get, name)
         version = await asyncio.to_thread(self.registry.allocate_version, name, "loading", "upload", self.store)
         self.refresh_gauge()
         model_id = adapter_model_id(name, version)
         started = time.monotonic()
         manifest: dict[str, Any] = {
-            "prompt": name, "version": version, "source": "upload", "uploaded_from": str(source),
+            "prompt": name, "version": version, "source": "upload", "uploaded_from": files.origin,
             "prompt_hash": template_from_record(record).digest(), "base_model": self.settings.served_model_name,
-            "inference": (read_manifest(source) or {}).get("inference", "bare"),
+            "inference": inference_mode(files.manifest),
         }
         try:
-            path = await asyncio.to_thread(self.store.import_adapter, source, name, version,
+            path = await asyncio.to_thread(stage_adapter, self.store, files, name, version,
                                            self.settings.served_model_name, manifest)
             await self._load_and_warm(model_id, path)
         except (APIError, DomainError, OSError, ValueError) as exc:
