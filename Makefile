@@ -45,7 +45,8 @@ vllm: model vllm-venv
 model: venv
 	@$(BIN)/promptintern model
 
-serve: model
+# The gateway materialises the base model itself on its first start (saying so), after the key is shown.
+serve: venv
 	@key=$${PROMPTINTERN_ADMIN_KEY:-$$($(BIN)/promptintern admin-key)}; \
 	echo "==> admin key (Authorization: Bearer ...): $$key"; \
 	PROMPTINTERN_ADMIN_KEY=$$key exec $(BIN)/promptintern serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -103,6 +104,10 @@ def cmd_admin_key(args: argparse.Namespace) -> int:
     return 0
 
 
+class PromptsCommandError(Exception):
+    """A `promptintern prompts` failure worth one line on stderr and exit code 2, never a traceback."""
+
+
 def _client(args: argparse.Namespace) -> Any:
     import httpx
 
@@ -112,7 +117,10 @@ def _client(args: argparse.Namespace) -> Any:
     if not key and (settings.data_dir / ADMIN_KEY_FILE).is_file():
         key = (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=600)
+    try:
+        return httpx.Client(base_url=url, headers=headers, timeout=600)
+    except httpx.InvalidURL as exc:
+        raise PromptsCommandError(f"invalid gateway URL {url!r}: {exc}") from None
 
 
 def _show(response: Any) -> int:
@@ -126,22 +134,84 @@ def _show(response: Any) -> int:
     return 0 if response.is_success else 1
 
 
-def cmd_prompts(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        if args.action == "list":
-            return _show(client.get("/v1/prompts"))
-        if args.action == "show":
-            return _show(client.get(f"/v1/prompts/{args.name}"))
-        if args.action == "delete":
-            return _show(client.delete(f"/v1/prompts/{args.name}"))
-        if args.action == "add-adapter":
-            return _show(client.post(f"/v1/prompts/{args.name}/adapters",
-                                     json={"adapter_path": str(Path(args.adapter).resolve())}))
+def _adapter_files(folder: Path) -> dict[str, Path]:
+    """The files of a local PEFT LoRA folder that an upload sends (checked here, so a mistake costs no upload)."""
+    from gateway.prompts.imports import CONFIG_FILE, UPLOAD_FIELDS, WEIGHTS_FILE
+
+    files = {name: folder / name for name in UPLOAD_FIELDS if (folder / name).is_file()}
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in files]
+    if missing:
+        pickled = " (adapter_model.bin is not accepted: save the adapter with safetensors)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise PromptsCommandError(f"{folder} is not a PEFT LoRA folder: no {' or '.join(missing)}{pickled}")
+    return files
+
+
+def _upload_adapter(client: Any, name: str, files: dict[str, Path]) -> Any:
+    """Send the adapter's files themselves (multipart), so the gateway needs no access to this machine's disk."""
+    with contextlib.ExitStack() as stack:
+        parts = {field: (path.name, stack.enter_context(path.open("rb")), "application/octet-stream")
+                 for field, path in files.items()}
+        return client.post(f"/v1/prompts/{name}/adapters", files=parts)
+
+
+def _registration(args: argparse.Namespace) -> dict[str, Any]:
+    try:
         body = json.loads(Path(args.file).read_text())
-        body["name"] = args.name
-        if args.adapter:
-            body["adapter_path"] = str(Path(args.adapter).resolve())
-        return _show(client.post("/v1/prompts", json=body))
+    except (OSError, ValueError) as exc:
+        raise PromptsCommandError(f"cannot read the template file {args.file}: {exc}") from None
+    if not isinstance(body, dict):
+        raise PromptsCommandError(f"{args.file} must hold a JSON object (`messages` or `prompt`, ...)")
+    if args.adapter and ("train" in body or "adapter_path" in body):
+        raise PromptsCommandError("--adapter uploads an adapter: the file may not also give `train` or `adapter_path`")
+    return {**body, "name": args.name}
+
+
+def _register(client: Any, args: argparse.Namespace) -> int:
+    """Register, then upload the adapter if one is given; an upload that fails removes the registration again."""
+    body = _registration(args)
+    files = _adapter_files(Path(args.adapter)) if args.adapter else None
+    created = client.post("/v1/prompts", json=body)
+    if files is None or not created.is_success:
+        return _show(created)
+    uploaded = _upload_adapter(client, args.name, files)
+    if not uploaded.is_success:
+        client.delete(f"/v1/prompts/{args.name}")
+        return _show(uploaded)
+    return _show(client.get(f"/v1/prompts/{args.name}"))
+
+
+def _run_prompts_action(client: Any, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return _show(client.get("/v1/prompts"))
+    if args.action == "show":
+        return _show(client.get(f"/v1/prompts/{args.name}"))
+    if args.action == "delete":
+        return _show(client.delete(f"/v1/prompts/{args.name}"))
+    if args.action == "add-adapter":
+        return _show(_upload_adapter(client, args.name, _adapter_files(Path(args.adapter))))
+    return _register(client, args)
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            url = str(client.base_url).rstrip("/")
+            try:
+                return _run_prompts_action(client, args)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise PromptsCommandError(
+                    f"cannot reach the gateway at {url} ({exc or type(exc).__name__}). Is it running (`make serve`)? "
+                    "Point the CLI elsewhere with `promptintern prompts --url URL ...` or PROMPTINTERN_HOST and "
+                    "PROMPTINTERN_PORT") from None
+            except httpx.TransportError as exc:
+                raise PromptsCommandError(f"the request to the gateway at {url} failed: "
+                                          f"{exc or type(exc).__name__}") from None
+    except PromptsCommandError as exc:
+        print(f"promptintern prompts: {exc}", file=sys.stderr)
+        return 2
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -207,14 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("name", help="prompt name")
     register.add_argument("--file", required=True,
                           help="JSON with `messages` (chat) or `prompt` (completion), optional `examples`, `train`")
-    register.add_argument("--adapter", help="an existing PEFT LoRA folder to serve for it")
+    register.add_argument("--adapter", help="a local PEFT LoRA folder (safetensors) to upload and serve for it")
     actions.add_parser("list", help="list prompts")
     for action, text in (("show", "show one prompt"), ("delete", "delete a prompt, its adapters and jobs")):
         p = actions.add_parser(action, help=text)
         p.add_argument("name")
-    add = actions.add_parser("add-adapter", help="upload an adapter as the prompt's next version")
+    add = actions.add_parser("add-adapter", help="upload an adapter's files as the prompt's next version")
     add.add_argument("name")
-    add.add_argument("adapter", help="PEFT LoRA folder")
+    add.add_argument("adapter", help="a local PEFT LoRA folder: adapter_config.json, adapter_model.safetensors "
+                                     "and optionally manifest.json are uploaded")
     prompts.set_defaults(func=cmd_prompts)
 
     _add_bench_parser(sub)
