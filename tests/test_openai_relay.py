@@ -4,8 +4,8 @@ joined into whole answers (pure parts; the real vLLM round trip is in test_vllm_
 from __future__ import annotations
 
 from gateway.engines.base import Finished, TextDelta, ToolCallDelta, Usage
-from gateway.engines.vllm import _events
-from gateway.openai_api.serving import Outcome, merge_logprobs, merge_tool_calls
+from gateway.engines.vllm import chunk_events
+from gateway.openai_api.shaping import Outcome, merge_logprobs, merge_tool_calls
 
 TOP = [{"token": "ls", "logprob": -0.1, "bytes": [108, 115], "top_logprobs": []}]
 
@@ -17,16 +17,16 @@ def test_vllm_chunks_become_text_logprob_and_tool_call_events() -> None:
                                                "function": {"name": "run", "arguments": ""}}]},
          "finish_reason": None},
     ]}
-    assert _events(chunk, "chat") == [
+    assert chunk_events(chunk, "chat") == [
         TextDelta(0, "ls", {"content": TOP}),
         ToolCallDelta(1, [{"index": 0, "id": "call_1", "type": "function",
                            "function": {"name": "run", "arguments": ""}}]),
     ]
     completion = {"choices": [{"index": 0, "text": " -la", "logprobs": {"tokens": [" -la"]},
                                "finish_reason": "length"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
-    assert _events(completion, "completion") == [TextDelta(0, " -la", {"tokens": [" -la"]}), Finished(0, "length"),
-                                                 Usage(3, 1)]
-    assert _events({"choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None}]}, "chat") == []
+    assert chunk_events(completion, "completion") == [TextDelta(0, " -la", {"tokens": [" -la"]}), Finished(0, "length"),
+                                                       Usage(3, 1)]
+    assert chunk_events({"choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None}]}, "chat") == []
 
 
 def test_tool_call_deltas_join_into_whole_calls_in_index_order() -> None:

