@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,20 +32,33 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    """An error the client should see; subclasses fix the status and OpenAI error type."""
+    """An error the client should see; subclasses fix the status and OpenAI error type.
+
+    `retry_after` (seconds) tells a client that may try again when to: it becomes a `Retry-After` header.
+    """
 
     status_code = 500
     error_type = "server_error"
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with the error: `Retry-After` in whole seconds (at least 1), as HTTP defines it."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
     def json(self) -> str:
         return json.dumps(self.body())
@@ -115,7 +129,7 @@ def from_domain(exc: DomainError) -> APIError:
 
 
 def error_json(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
