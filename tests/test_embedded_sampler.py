@@ -149,10 +149,11 @@ def test_greedy_loop_equals_transformers_generate(base_model_path: Path, tmp_pat
             expected = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new,
                                       do_sample=False)[0, len(ids):].tolist()
             loop = DecodeLoop(model, tokenizer, {tokenizer.eos_token_id})
-            sequence = loop.add(0, ids, SamplingParams(temperature=0.0), max_new)
+            [sequence] = loop.add(ids, SamplingParams(temperature=0.0), max_new,
+                                  adapter="default" if with_adapter else None)
             events = []
             while loop.live:
-                events += loop.step()
+                events += [event for _, event in loop.step()]
         assert sequence.generated == [t for t in expected if t != tokenizer.eos_token_id]
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert text == tokenizer.decode(expected, skip_special_tokens=True)

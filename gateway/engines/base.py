@@ -22,6 +22,17 @@ class EngineUnavailable(ServiceUnavailable):
     """The engine cannot be reached (vLLM down, model not loaded)."""
 
 
+class EngineOverloaded(APIError):
+    """The engine holds as many requests as it may (queued plus running): a 429 the client retries later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, code="engine_overloaded")
+        self.retry_after = retry_after  # seconds, for the Retry-After header
+
+
 class ContextLengthExceeded(BadRequest):
     def __init__(self, message: str) -> None:
         super().__init__(message, param="messages", code="context_length_exceeded")

@@ -1,108 +1,147 @@
-"""In-process engine: transformers + peft, several LoRA adapters by name, token streaming.
+"""In-process engine: transformers + peft, several LoRA adapters by name, continuous batching, streaming.
 
-One worker thread owns the model and runs every operation (generation, adapter load and
-unload) in order, so a request can never run with another request's adapter and adapters never
-change under a running generation. The asyncio side talks to it through futures and queues.
-The sampler itself (`sampling.DecodeLoop`) is step-wise, so several sequences can share a step.
+One worker thread owns the model and does everything with it, in order. Between decode steps it takes
+new requests and adapter operations; each step prefills the prompts that arrived, then decodes every
+live sequence in one forward pass (`sampling.DecodeLoop`), each row under its own adapter. An adapter
+unloaded while requests use it stays until they end (`lora_set.LoraSet`), so a request never runs with
+another request's adapter, nor loses its own. The asyncio side talks to the worker through futures and
+queues. The requests held (queued plus decoding) are bounded: past the bound `generate` raises
+EngineOverloaded (429), and a request whose consumer goes away is dropped at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
+import math
 import queue
-import re
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from core.adapter_store import read_adapter_config
 from gateway.engines.base import (
-    AdapterLoadError,
     AdapterNotLoaded,
     ContextLengthExceeded,
     EngineError,
     EngineEvent,
+    EngineOverloaded,
     EngineRequest,
     EngineUnavailable,
     SamplingParams,
     Usage,
 )
 from gateway.engines.embedded_fields import refuse_unhonoured_fields
-from gateway.engines.sampling import DecodeLoop
+from gateway.engines.kv_batch import batchable
+from gateway.engines.lora_set import LoraSet
+from gateway.engines.sampling import DecodeLoop, Sequence
 from gateway.errors import APIError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+STEP_TIME_SMOOTHING = 0.2  # weight of the latest step in the running step time behind the Retry-After hint
 
 
-def internal_adapter_name(name: str) -> str:
-    """peft keys adapters into module names, so public names (`p@v1`) get a safe, unique alias."""
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)[:48] + "_" + digest
-
-
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """One request in the worker: what it asks, where its events go, and its sequences once admitted."""
+
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[EngineEvent | BaseException | None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_ids: list[int] = field(default_factory=list)
+    max_new: int = 0
+    adapter: str | None = None  # the peft name it runs with, fixed when the worker accepts it
+    sequences: list[Sequence] = field(default_factory=list)
 
     def emit(self, item: EngineEvent | BaseException | None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            self.cancelled.set()
 
 
-def _settle(fut: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
+@dataclass(eq=False)
+class _Op:
+    """Work on the model (loading it, loading or unloading an adapter) and the future that awaits it."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+    def run(self) -> None:
+        try:
+            result = self.fn()
+        except BaseException as exc:
+            self.settle(error=exc)
+        else:
+            self.settle(result)
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def apply() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(apply)
 
 
 class EmbeddedEngine:
-    """The default engine: the base model in this process, adapters loaded with peft."""
+    """The default engine: the base model in this process, adapters loaded with peft, requests batched."""
 
     name = "embedded"
 
     def __init__(self, model_dir: Path, *, max_lora_rank: int = 16, max_model_len: int | None = None,
-                 default_max_tokens: int = 512, threads: int | None = None) -> None:
+                 default_max_tokens: int = 512, threads: int | None = None, max_queued_requests: int = 64,
+                 max_batch_rows: int = 32) -> None:
+        if max_queued_requests < 1 or max_batch_rows < 1:
+            raise ValueError("max_queued_requests and max_batch_rows must be at least 1")
         self.model_dir = model_dir
         self.max_lora_rank = max_lora_rank
         self.default_max_tokens = default_max_tokens
+        self.max_queued_requests = max_queued_requests
+        self.max_batch_rows = max_batch_rows  # rows (choices) decoded in one pass; a larger request runs alone
         self._max_model_len_setting = max_model_len
         self._threads = threads
-        self._ops: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._inbox: queue.Queue[_Job | _Op | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._adapters: dict[str, str] = {}  # public name -> peft name
-        self._model: Any = None
-        self._peft: Any = None
+        self._lock = threading.Lock()  # guards _held and _closed against the worker
+        self._held = 0
+        self._closed = False
+        self._lora: LoraSet | None = None
+        self._decode: DecodeLoop | None = None
         self._tokenizer: Any = None
         self._eos_ids: set[int] = set()
         self._max_len = 0
-        self._failed: BaseException | None = None
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._owners: dict[Sequence, _Job] = {}
+        self._step_seconds = 0.0
+        self._retry_after = 1
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._closed = False
         self._thread = threading.Thread(target=self._work, name="embedded-engine", daemon=True)
         self._thread.start()
         await self._call(self._load_base)
 
     async def close(self) -> None:
         if self._thread is not None:
-            self._ops.put(None)
+            self._inbox.put(None)
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
 
     async def check_ready(self) -> None:
-        if self._thread is None or not self._thread.is_alive() or self._model is None:
+        if self._thread is None or not self._thread.is_alive() or self._lora is None:
             raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
 
     @property
@@ -113,102 +152,75 @@ class EmbeddedEngine:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def requests_held(self) -> int:
+        """Requests accepted and not yet ended (queued or decoding): what MAX_QUEUED_REQUESTS bounds."""
+        return self._held
+
     def loaded_adapters(self) -> set[str]:
-        return set(self._adapters)
+        return set(self._lora.names) if self._lora is not None else set()
 
-    def _work(self) -> None:
-        while True:
-            op = self._ops.get()
-            if op is None:
-                return
-            op()
+    def _read_model(self) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-
-        def run() -> None:
-            try:
-                result = fn()
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, fut, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, result)
-
-        if self._thread is None:
-            raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
-        self._ops.put(run)
-        return await fut
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        model.eval()
+        return model
 
     def _load_base(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if self._threads:
             torch.set_num_threads(self._threads)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        model.eval()
-        self._model = model
+        model = self._read_model()
+        if not batchable(model.config):
+            raise EngineError("the embedded engine batches full-attention models only (no sliding-window or "
+                              "linear-attention layers); serve this base model with vLLM", code="model_not_batchable")
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self._tokenizer.eos_token_id is not None:
             self._eos_ids.add(self._tokenizer.eos_token_id)
         self._max_len = self._max_model_len_setting or int(model.config.max_position_embeddings)
+        self._lora = LoraSet(model, self._read_model)
+        self._decode = DecodeLoop(model, self._tokenizer, self._eos_ids)
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread between two decode steps and return its result."""
+        loop = asyncio.get_running_loop()
+        op = _Op(fn, loop, loop.create_future())
+        with self._lock:
+            if self._thread is None or self._closed:
+                raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
+            self._inbox.put(op)
+        return await op.future
 
     # -- adapters ------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: Path) -> None:
         config = read_adapter_config(path, self.max_lora_rank)
-        await self._call(lambda: self._load_adapter(name, path, config))
-
-    def _load_adapter(self, name: str, path: Path, config: dict[str, Any]) -> None:
-        from peft import PeftModel
-
-        peft_name = internal_adapter_name(name)
-        if name in self._adapters:
-            self._delete_adapter(name)
-        try:
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=peft_name)
-                self._peft.eval()
-            else:
-                self._peft.load_adapter(str(path), adapter_name=peft_name)
-        except Exception as exc:  # peft raises many types for a misfit adapter
-            if self._peft is None:
-                # A failed first load may have injected layers into the base model in place: reload it.
-                self._load_base()
-            elif peft_name in self._peft.peft_config:
-                self._peft.delete_adapter(peft_name)
-            raise AdapterLoadError(f"the adapter does not fit the base model: {exc}",
-                                   param="adapter_path", code="adapter_mismatch") from exc
-        self._adapters[name] = peft_name
+        await self._call(lambda: self._lora_set().load(name, path, config))
 
     async def unload_adapter(self, name: str) -> None:
-        await self._call(lambda: self._delete_adapter(name))
+        """New requests can no longer use `name` once this returns; requests already using it finish with it."""
+        await self._call(lambda: self._lora_set().unload(name))
 
-    def _delete_adapter(self, name: str) -> None:
-        peft_name = self._adapters.pop(name, None)
-        if peft_name is None or self._peft is None:
-            return
-        if not self._adapters:
-            # peft cannot run with zero adapters: take the LoRA layers out again.
-            self._model = self._peft.unload()
-            self._peft = None
-        else:
-            if self._peft.active_adapter == peft_name:
-                self._peft.set_adapter(next(iter(self._adapters.values())))
-            self._peft.delete_adapter(peft_name)
+    def _lora_set(self) -> LoraSet:
+        if self._lora is None:
+            raise EngineUnavailable("the embedded engine has no model loaded", code="engine_unavailable")
+        return self._lora
 
-    # -- generation ----------------------------------------------------------------------------
+    # -- generation: the asyncio side ----------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         refuse_unhonoured_fields(request, self.name)
-        if request.adapter is not None and request.adapter not in self._adapters:
-            raise AdapterNotLoaded(f"adapter '{request.adapter}' is not loaded", code="adapter_not_loaded")
         await self.check_ready()
+        if request.adapter is not None and request.adapter not in self._lora_set().names:
+            raise AdapterNotLoaded(f"adapter '{request.adapter}' is not loaded", code="adapter_not_loaded")
         job = _Job(request=request, loop=asyncio.get_running_loop(), events=asyncio.Queue())
-        self._ops.put(lambda: self._run_job(job))
+        self._enqueue(job)
         try:
             while True:
                 item = await job.events.get()
@@ -218,18 +230,162 @@ class EmbeddedEngine:
                     raise item
                 yield item
         finally:
-            job.cancelled.set()
+            job.cancelled.set()  # the worker drops it at its next step if it is still running
 
-    def _run_job(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailable("the embedded engine is shutting down", code="engine_unavailable")
+            if self._held >= self.max_queued_requests:
+                raise EngineOverloaded(
+                    f"the embedded engine is busy: it holds its maximum of {self.max_queued_requests} requests "
+                    f"(MAX_QUEUED_REQUESTS); retry in about {self._retry_after} s", retry_after=self._retry_after)
+            self._held += 1
+            self._inbox.put(job)
+
+    # -- generation: the worker thread ---------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            for item in self._take(block=not (self._waiting or self._running)):
+                if item is None:
+                    self._shut_down()
+                    return
+                if isinstance(item, _Op):
+                    item.run()
+                else:
+                    self._accept(item)
+            if self._lora is None or self._decode is None:
+                continue
+            self._decode.model = self._lora.model  # an adapter operation may have wrapped or unwrapped it
+            self._drop_cancelled()
+            self._admit()
+            if self._running:
+                self._step()
+            self._sweep_adapters()
+
+    def _sweep_adapters(self) -> None:
+        """Delete the weights of unloaded adapters that no request uses any more."""
+        assert self._lora is not None and self._decode is not None
+        in_use = {s.adapter for s in self._decode.live if s.adapter} | {j.adapter for j in self._waiting if j.adapter}
         try:
-            self._generate(job)
+            self._lora.sweep(in_use)
+        except Exception:  # the weights stay in memory; serving goes on
+            log.exception("deleting unloaded adapters failed")
+
+    def _take(self, block: bool) -> list[_Job | _Op | None]:
+        """Everything in the inbox now; when `block`, wait for at least one item first."""
+        items = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _accept(self, job: _Job) -> None:
+        """Check and tokenise a new request; it waits for room in the batch, or ends with its error."""
+        if job.cancelled.is_set():
+            self._end(job)
+            return
+        try:
+            if job.request.adapter is not None:
+                job.adapter = self._lora_set().peft_name(job.request.adapter)
+            job.prompt_ids = self._encode(job.request)
+            job.max_new = self._max_new_tokens(len(job.prompt_ids), job.request.params)
         except APIError as exc:
-            job.emit(exc)
+            self._end(job, exc)
         except Exception as exc:
-            log.exception("embedded generation failed")
-            job.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}", code="engine_error"))
-        finally:
-            job.emit(None)
+            log.exception("embedded request could not be prepared")
+            self._end(job, EngineError(f"generation failed: {type(exc).__name__}: {exc}", code="engine_error"))
+        else:
+            self._waiting.append(job)
+
+    def _drop_cancelled(self) -> None:
+        """Free the rows and KV cache of requests whose consumer has gone away."""
+        assert self._decode is not None
+        for job in [j for j in self._waiting if j.cancelled.is_set()]:
+            self._waiting.remove(job)
+            self._end(job)
+        gone = [j for j in self._running if j.cancelled.is_set()]
+        if gone:
+            self._decode.remove([s for job in gone for s in job.sequences])
+            for job in gone:
+                self._retire(job)
+
+    def _admit(self) -> None:
+        """Start waiting requests, first come first served, while their choices fit in the batch."""
+        assert self._decode is not None
+        rows = len(self._decode.live)
+        while self._waiting:
+            job = self._waiting[0]
+            n = job.request.params.n
+            if rows and rows + n > self.max_batch_rows:
+                return
+            self._waiting.popleft()
+            job.sequences = self._decode.add(job.prompt_ids, job.request.params, job.max_new, adapter=job.adapter, n=n)
+            self._owners.update((s, job) for s in job.sequences)
+            self._running.append(job)
+            rows += n
+
+    def _step(self) -> None:
+        assert self._decode is not None
+        started = time.perf_counter()
+        try:
+            events = self._decode.step()
+        except Exception as exc:
+            log.exception("embedded decode step failed")
+            self._decode.clear()
+            error = EngineError(f"generation failed: {type(exc).__name__}: {exc}", code="engine_error")
+            for job in list(self._running):
+                self._retire(job, error)
+            return
+        for sequence, event in events:
+            self._owners[sequence].emit(event)
+        for job in [j for j in self._running if all(s.finish_reason is not None for s in j.sequences)]:
+            job.emit(Usage(prompt_tokens=len(job.prompt_ids),
+                           completion_tokens=sum(len(s.generated) for s in job.sequences)))
+            self._retire(job)
+        self._note_step(time.perf_counter() - started)
+
+    def _note_step(self, seconds: float) -> None:
+        """Keep the Retry-After hint: about when the soonest-ending running request frees its place."""
+        assert self._decode is not None
+        self._step_seconds += STEP_TIME_SMOOTHING * (seconds - self._step_seconds) if self._step_seconds else seconds
+        remaining = min((s.max_new - len(s.generated) for s in self._decode.live), default=1)
+        self._retry_after = max(1, min(60, math.ceil(remaining * self._step_seconds)))
+
+    def _retire(self, job: _Job, error: BaseException | None = None) -> None:
+        self._running.remove(job)
+        for sequence in job.sequences:
+            self._owners.pop(sequence, None)
+        self._end(job, error)
+
+    def _end(self, job: _Job, error: BaseException | None = None) -> None:
+        """The request's last event (its error, if any, then the end) and its place given back."""
+        if error is not None:
+            job.emit(error)
+        job.emit(None)
+        with self._lock:
+            self._held -= 1
+
+    def _shut_down(self) -> None:
+        """End everything still held with EngineUnavailable; ops still queued fail the same way."""
+        error = EngineUnavailable("the embedded engine is shutting down", code="engine_unavailable")
+        with self._lock:
+            self._closed = True
+        for item in self._take(block=False):
+            if isinstance(item, _Op):
+                item.settle(error=error)
+            elif item is not None:
+                self._end(item, error)
+        if self._decode is not None:
+            self._decode.clear()
+        for job in list(self._running):
+            self._retire(job, error)
+        while self._waiting:
+            self._end(self._waiting.popleft(), error)
+
+    # -- requests to tokens --------------------------------------------------------------------
 
     def _encode(self, request: EngineRequest) -> list[int]:
         tok = self._tokenizer
@@ -249,33 +405,3 @@ class EmbeddedEngine:
         if n_prompt + params.max_tokens > self._max_len:
             raise ContextLengthExceeded(f"{limit} and max_tokens asks for {params.max_tokens} more")
         return params.max_tokens
-
-    def _generate(self, job: _Job) -> None:
-        """Decode the request's `n` choices together, step by step, under its adapter alone."""
-        import torch
-
-        request = job.request
-        if request.adapter is not None and request.adapter not in self._adapters:
-            raise AdapterNotLoaded(f"adapter '{request.adapter}' is not loaded", code="adapter_not_loaded")
-        prompt_ids = self._encode(request)
-        max_new = self._max_new_tokens(len(prompt_ids), request.params)
-        with torch.inference_mode(), self._adapter_context(request.adapter):
-            decode = DecodeLoop(self._peft if self._peft is not None else self._model, self._tokenizer,
-                                self._eos_ids)
-            for index in range(request.params.n):
-                decode.add(index, prompt_ids, request.params, max_new)
-            while decode.live:
-                if job.cancelled.is_set():
-                    return
-                for event in decode.step():
-                    job.emit(event)
-        completion_tokens = sum(len(s.generated) for s in decode.sequences)
-        job.emit(Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
-
-    def _adapter_context(self, adapter: str | None) -> Any:
-        if self._peft is None:
-            return contextlib.nullcontext()
-        if adapter is None:
-            return self._peft.disable_adapter()
-        self._peft.set_adapter(self._adapters[adapter])
-        return contextlib.nullcontext()

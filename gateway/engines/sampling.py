@@ -1,10 +1,13 @@
-"""The embedded engine's own sampler, as a step-wise loop over independent sequences.
+"""The embedded engine's own sampler, as a step-wise loop over independent sequences decoded in one batch.
 
-Each `Sequence` carries everything its decoding needs (tokens, KV cache, penalty counts, random
-generator, streamed text), and `DecodeLoop.step()` advances every live sequence by one token, so
-sequences can join and leave between steps. Today each sequence gets its own forward pass; batching
-them into one pass (padding, attention mask, peft's per-row `adapter_names`) changes `_forward` only.
-At batch 1, greedy output is token for token that of transformers' `generate(do_sample=False)`.
+Each `Sequence` carries everything its choice of tokens needs (tokens, penalty counts, random generator,
+streamed text, its adapter), and `DecodeLoop.step()` advances every live sequence by one token, so
+sequences join and leave between steps (continuous batching). A new request's prompt is prefilled alone,
+once for all its `n` choices; then all live rows decode together in one forward pass over a left-padded
+KV batch (`kv_batch.PaddedKVBatch`), each row under its own LoRA through peft's per-row `adapter_names`
+(`"__base__"` for the base model), so a row never runs with another row's adapter.
+At batch 1, greedy output is token for token that of transformers' `generate(do_sample=False)`; in a
+batch, padding and batch shapes change the floating-point sums slightly, so a greedy answer can differ.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from typing import Any
 
 from gateway.engines.base import Finished, SamplingParams, TextDelta
 from gateway.engines.detokenize import IncrementalDetokenizer, StopStringHoldback
+from gateway.engines.kv_batch import PaddedKVBatch
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the choices of one seeded request over unrelated seeds
+BASE_ROW = "__base__"  # peft's name for a row that runs on the base model alone
+StepEvent = tuple["Sequence", TextDelta | Finished]
 
 
 def seeded_generator(seed: int | None, index: int) -> Any:
@@ -31,7 +37,7 @@ def seeded_generator(seed: int | None, index: int) -> Any:
     return generator
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One choice being generated: its prompt, its tokens so far and its sampling state."""
 
@@ -42,55 +48,112 @@ class Sequence:
     generator: Any
     detokenizer: IncrementalDetokenizer
     holdback: StopStringHoldback
+    adapter: str | None = None  # the peft adapter name of this row; None: the base model
     generated: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
-    past: Any = None
     logits: Any = None
     finish_reason: str | None = None
 
 
 class DecodeLoop:
-    """Sequences decoded together, one token each per `step()`; the model and its adapter are the caller's."""
+    """Sequences decoded together, one token each per `step()`, in one batch.
+
+    `model` is the base model, or a peft model when adapters are loaded; the engine may swap one for the
+    other between steps (the KV cache does not depend on the wrapper).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int]) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.sequences: list[Sequence] = []
+        self.batch = PaddedKVBatch()
+        self.rows: list[Sequence] = []  # the batch's rows, in order
+        self.pending: list[list[Sequence]] = []  # groups of new choices that share one prompt prefill
         base = getattr(model, "get_base_model", lambda: model)()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
 
-    def add(self, index: int, prompt_ids: list[int], params: SamplingParams, max_new: int) -> Sequence:
-        sequence = Sequence(index=index, prompt_ids=prompt_ids, params=params, max_new=max_new,
-                            generator=seeded_generator(params.seed, index),
-                            detokenizer=IncrementalDetokenizer(self.tokenizer),
-                            holdback=StopStringHoldback(params.stop))
-        self.sequences.append(sequence)
-        return sequence
+    def add(self, prompt_ids: list[int], params: SamplingParams, max_new: int, *, adapter: str | None = None,
+            n: int = 1) -> list[Sequence]:
+        """Start `n` choices of one prompt (indices 0..n-1); they join the batch at the next step."""
+        group = [Sequence(index=index, prompt_ids=prompt_ids, params=params, max_new=max_new,
+                          generator=seeded_generator(params.seed, index),
+                          detokenizer=IncrementalDetokenizer(self.tokenizer),
+                          holdback=StopStringHoldback(params.stop), adapter=adapter)
+                 for index in range(n)]
+        self.pending.append(group)
+        return group
 
     @property
     def live(self) -> list[Sequence]:
-        return [s for s in self.sequences if s.finish_reason is None]
+        return [*self.rows, *(s for group in self.pending for s in group)]
 
-    def step(self) -> list[TextDelta | Finished]:
-        """Run the model once for every live sequence, then choose and stream one token each."""
-        live = self.live
-        self._forward(live)
-        events: list[TextDelta | Finished] = []
-        for sequence in live:
-            events.extend(self._advance(sequence))
-        return events
-
-    def _forward(self, sequences: list[Sequence]) -> None:
-        """Next-token logits of each sequence: its whole prompt on the first step, then its last token."""
+    def remove(self, sequences: list[Sequence]) -> None:
+        """Drop sequences now (their client went away): their rows and KV cache are freed at once."""
         import torch
 
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        for sequence in sequences:
-            ids = sequence.prompt_ids if sequence.past is None else sequence.generated[-1:]
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=sequence.past, use_cache=True, **extra)
-            sequence.past = out.past_key_values
+        gone = set(sequences)
+        self.pending = [g for g in ([s for s in group if s not in gone] for group in self.pending) if g]
+        if any(s in gone for s in self.rows):
+            with torch.inference_mode():
+                self._keep([s for s in self.rows if s not in gone])
+
+    def clear(self) -> None:
+        """Forget every sequence (after a failed step, whose cache can no longer be trusted)."""
+        self.batch = PaddedKVBatch()
+        self.rows, self.pending = [], []
+
+    def step(self) -> list[StepEvent]:
+        """Prefill new prompts, decode every row in one pass, then choose and stream one token each."""
+        import torch
+
+        with torch.inference_mode():
+            joining = self.pending
+            self.pending = []
+            prefills = [self._prefill(group) for group in joining]
+            if self.rows:
+                self._decode()
+            if prefills:
+                self.batch.join([(cache, len(group)) for cache, group in zip(prefills, joining, strict=True)])
+                self.rows += [s for group in joining for s in group]
+            events = [(s, e) for s in self.rows for e in self._advance(s)]
+            if any(s.finish_reason is not None for s in self.rows):
+                self._keep([s for s in self.rows if s.finish_reason is None])
+        return events
+
+    def _forward(self, input_ids: Any, adapters: list[str | None], **kwargs: Any) -> Any:
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = [name or BASE_ROW for name in adapters]
+        return self.model(input_ids=input_ids, use_cache=True, **kwargs)
+
+    def _prefill(self, group: list[Sequence]) -> Any:
+        """Run a prompt alone (batch 1, no padding) and give its logits to every choice; return its cache."""
+        import torch
+
+        first = group[0]
+        ids = torch.tensor([first.prompt_ids])
+        out = self._forward(ids, [first.adapter], attention_mask=torch.ones_like(ids))
+        for sequence in group:
             sequence.logits = out.logits[0, -1]
+        return out.past_key_values
+
+    def _decode(self) -> None:
+        """Every row's last token in one forward pass over the padded batch."""
+        import torch
+
+        mask, positions = self.batch.decode_inputs()
+        ids = torch.tensor([[s.generated[-1]] for s in self.rows])
+        out = self._forward(ids, [s.adapter for s in self.rows], attention_mask=mask, position_ids=positions,
+                            past_key_values=self.batch.cache)
+        self.batch.decoded(out.past_key_values, mask)
+        for row, sequence in enumerate(self.rows):
+            sequence.logits = out.logits[row, -1]
+
+    def _keep(self, rows: list[Sequence]) -> None:
+        index = {s: i for i, s in enumerate(self.rows)}
+        self.batch.keep([index[s] for s in rows])
+        self.rows = rows
 
     def _advance(self, sequence: Sequence) -> list[TextDelta | Finished]:
         token = choose_token(sequence.logits, sequence.params, sequence.counts, sequence.generator)
@@ -108,7 +171,7 @@ class DecodeLoop:
 
     def _finish(self, sequence: Sequence, reason: str) -> list[TextDelta | Finished]:
         sequence.finish_reason = reason
-        sequence.past = sequence.logits = None  # free the KV cache now, not when the request ends
+        sequence.logits = None
         rest = sequence.holdback.flush()
         return [*([TextDelta(sequence.index, rest)] if rest else []), Finished(sequence.index, reason)]
 
