@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         512, ge=1, description="Completion length when a request sets no max_tokens."
     )
     torch_threads: int | None = Field(None, ge=1, description="Threads for the embedded engine's torch.")
+    max_queued_requests: int = Field(
+        64, ge=1, description="Most requests the embedded engine holds at once (decoding plus waiting); "
+                              "more are answered 429 with Retry-After.")
     train_threads: int | None = Field(
         None, ge=1, description="Threads of a training job's process; leave cores to the engine on a shared machine."
     )
