@@ -77,20 +77,28 @@ def _one_of_required(schema: dict[str, Any]) -> list[list[str]]:
 
 
 def test_the_schema_states_which_fields_exclude_each_other(openapi: dict[str, Any]) -> None:
-    schemas = openapi["components"]["schemas"]
-    assert _one_of_required(schemas["RegisterPrompt"]) == [["messages"], ["prompt"]]
-    assert _one_of_required(schemas["TrainSpec"]) == [["data"], ["path"]]
+    assert _one_of_required(json_body_schema(openapi, "/v1/prompts")) == [["messages"], ["prompt"]]
+    train = json_body_schema(openapi, "/v1/prompts/{name}/train")
+    assert _one_of_required(train) == [["data"], ["path"]]
     # A branch forbids the other field (null or absent), so a body with both matches neither branch.
-    branch = next(b for b in schemas["TrainSpec"]["oneOf"] if b["required"] == ["data"])
+    branch = next(b for b in train["oneOf"] if b["required"] == ["data"])
     assert branch["properties"]["path"] == {"type": "null"}
 
 
-@pytest.mark.parametrize("name,model", [
-    ("ChatCompletionRequest", ChatCompletionRequest), ("CompletionRequest", CompletionRequest),
-    ("RegisterPrompt", RegisterPrompt), ("TrainSpec", TrainSpec), ("AddAdapter", AddAdapter),
+def json_body_schema(openapi: dict[str, Any], path: str) -> dict[str, Any]:
+    schema = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        return openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]  # type: ignore[no-any-return]
+    return schema  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path,model", [
+    ("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
+    ("/v1/prompts", RegisterPrompt), ("/v1/prompts/{name}/train", TrainSpec),
+    ("/v1/prompts/{name}/adapters", AddAdapter),
 ])
-def test_request_bodies_carry_valid_examples(openapi: dict[str, Any], name: str, model: type[BaseModel]) -> None:
-    examples = openapi["components"]["schemas"][name]["examples"]
+def test_request_bodies_carry_valid_examples(openapi: dict[str, Any], path: str, model: type[BaseModel]) -> None:
+    examples = json_body_schema(openapi, path)["examples"]
     assert examples
     for example in examples:
         model.model_validate(example)
@@ -99,6 +107,5 @@ def test_request_bodies_carry_valid_examples(openapi: dict[str, Any], name: str,
 def test_the_examples_name_the_served_model(openapi: dict[str, Any]) -> None:
     """A fuzzer or a reader trying the examples reaches the model, not a 404 for an unknown model."""
     served = Settings().served_model_name
-    schemas = openapi["components"]["schemas"]
-    assert {example["model"] for name in ("ChatCompletionRequest", "CompletionRequest")
-            for example in schemas[name]["examples"]} == {served}
+    assert {example["model"] for path in ("/v1/chat/completions", "/v1/completions")
+            for example in json_body_schema(openapi, path)["examples"]} == {served}

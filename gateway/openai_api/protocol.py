@@ -7,9 +7,9 @@ Which of the accepted fields an engine can honour is the engine's call (`EngineR
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
 
 INT64 = 2**63  # seeds are 64-bit signed integers, as in vLLM
 
@@ -27,6 +27,28 @@ COMPLETION_EXAMPLE: dict[str, Any] = {
 }
 
 
+def _checked_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A content part names its `type` and a text part carries its `text`; other parts are for the engine to judge."""
+    kind = part.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("a content part needs a 'type' (text, image_url, input_audio, file, ...)")
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise ValueError("a text content part needs 'text' as a string")
+    return part
+
+
+ContentPart = Annotated[dict[str, Any], AfterValidator(_checked_part), WithJsonSchema({
+    "type": "object", "required": ["type"], "additionalProperties": True,
+    "properties": {"type": {"type": "string", "minLength": 1}, "text": {"type": "string"}},
+    "if": {"properties": {"type": {"const": "text"}}}, "then": {"required": ["text"]},
+})]
+# Text or a list of parts; the tags name the branch in an error's `param` (`messages.0.content.parts.1`).
+MessageContent = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(lambda value: "parts" if isinstance(value, list) else "text"),
+]
+
+
 class OpenAIRequestModel(BaseModel):
     """Unknown fields are an error (`extra_forbidden`), answered as a 400 naming the field."""
 
@@ -34,12 +56,12 @@ class OpenAIRequestModel(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; roles and parts are checked by the router (non-text parts pass through unmatched)."""
+    """One message; each content part must name its type (text parts carry text), roles are the router's call."""
 
     model_config = ConfigDict(extra="allow")  # tool_call_id, tool_calls, refusal, audio ... belong to the message
 
     role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
+    content: MessageContent | None = None
     name: str | None = None
 
 

@@ -37,7 +37,7 @@ TRAIN_EXAMPLE: dict[str, Any] = {
     "schedule": {"preset": "demo"},
     "eval_fraction": 0.0,
 }
-ADD_ADAPTER_EXAMPLE: dict[str, Any] = {"adapter_path": "data/import/nl2bash-lora"}
+ADD_ADAPTER_EXAMPLE: dict[str, Any] = {"adapter_path": "nl2bash-lora"}
 
 
 class TemplateMessage(BaseModel):
@@ -56,7 +56,9 @@ class TrainSpec(BaseModel):
     data: list[dict[str, Any]] | None = Field(
         None, description="Rows `{<slot>: value, ..., response}`; `query` names the slot of a one-slot template "
                           "(or give `path`).")
-    path: str | None = Field(None, description="Server-side JSONL file of the same rows (or give `data`).")
+    path: str | None = Field(None, description="A JSONL file of the same rows in the gateway's import folder "
+                                               "(PROMPTINTERN_IMPORT_DIR), relative to it or absolute "
+                                               "(or give `data`).")
     schedule: dict[str, Any] | None = Field(
         None, description="`preset` (default `promptintern`; `demo` trains in about 2 minutes on 2 cores, demo "
                           "quality) and overrides of its fields; steps, batch size, learning rate and rows are "
@@ -77,14 +79,16 @@ class RegisterPrompt(BaseModel):
         default_factory=list,
         description="Few-shot examples the template contains: `{<slot>|query: ..., response: ...}`, verbatim.",
     )
-    adapter_path: str | None = Field(None, description="An existing PEFT LoRA folder to serve for this prompt.")
+    adapter_path: str | None = Field(None, description="A PEFT LoRA folder in the gateway's import folder "
+                                                       "(PROMPTINTERN_IMPORT_DIR) to serve for this prompt.")
     train: TrainSpec | None = Field(None, description="Start a training job right away.")
 
 
 class AddAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ADD_ADAPTER_EXAMPLE]})
 
-    adapter_path: str = Field(description="A PEFT LoRA folder readable by the gateway.")
+    adapter_path: str = Field(description="A PEFT LoRA folder in the gateway's import folder "
+                                          "(PROMPTINTERN_IMPORT_DIR), relative to it or absolute.")
 
 
 class VersionOut(BaseModel):
