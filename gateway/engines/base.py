@@ -27,10 +27,10 @@ class EngineOverloaded(APIError):
 
     status_code = 429
     error_type = "rate_limit_error"
+    retry_after: float  # seconds: always set, so the answer always carries a Retry-After header
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, code="engine_overloaded")
-        self.retry_after = retry_after  # seconds, for the Retry-After header
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="engine_overloaded", retry_after=retry_after)
 
 
 class ContextLengthExceeded(BadRequest):

@@ -157,6 +157,11 @@ class EmbeddedEngine:
         """Requests accepted and not yet ended (queued or decoding): what MAX_QUEUED_REQUESTS bounds."""
         return self._held
 
+    @property
+    def rows_decoding(self) -> int:
+        """Sequences (choices) in the decode batch or joining it at the next step."""
+        return len(self._decode.live) if self._decode is not None else 0
+
     def loaded_adapters(self) -> set[str]:
         return set(self._lora.names) if self._lora is not None else set()
 

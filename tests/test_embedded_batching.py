@@ -1,0 +1,157 @@
+"""The embedded engine's continuous batching on the tiny model: requests on the base model and on several
+adapters decoded together answer as each does alone; a request whose consumer goes away gives its place
+back; a full engine answers EngineOverloaded; adapters unloaded or reloaded while requests run leave those
+requests their own weights. Expected answers are each request run alone on the same engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.engines.base import (
+    AdapterNotLoaded,
+    EngineEvent,
+    EngineOverloaded,
+    EngineRequest,
+    Finished,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from gateway.engines.embedded import EmbeddedEngine
+from trainer.lora import random_lora
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROMPTS = ["Input: list files\nOutput:", "hi", "Translate to bash: count the lines of every .py file under src",
+           "What is 2+2?"]
+LONG = 400  # tokens of a request meant to still be running while the test looks at the engine
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("batching-loras")
+    return [random_lora(tiny_model_path, root / f"lora-{seed}", seed=seed) for seed in (11, 12, 13)]
+
+
+@pytest.fixture(scope="module")
+async def engine(tiny_model_path: Path, loras: list[Path]) -> AsyncIterator[EmbeddedEngine]:
+    engine = EmbeddedEngine(tiny_model_path, threads=2)
+    await engine.start()
+    for i, path in enumerate(loras[:2]):
+        await engine.load_adapter(f"p{i}@v1", path)
+    yield engine
+    await engine.close()
+
+
+def _request(prompt: str, adapter: str | None = None, max_tokens: int = 24, **params: object) -> EngineRequest:
+    return EngineRequest(kind="completion", prompt=prompt, adapter=adapter,
+                         params=SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **params}))  # type: ignore[arg-type]
+
+
+async def _answer(engine: EmbeddedEngine, request: EngineRequest) -> tuple[dict[int, str], dict[int, str], Usage]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    async for event in engine.generate(request):
+        if isinstance(event, TextDelta):
+            texts[event.index] = texts.get(event.index, "") + event.text
+        elif isinstance(event, Finished):
+            reasons[event.index] = event.reason
+        elif isinstance(event, Usage):
+            usage = event
+    assert usage is not None and set(reasons) == set(range(request.params.n))
+    return texts, reasons, usage
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def _started(engine: EmbeddedEngine, request: EngineRequest) -> tuple[AsyncIterator[EngineEvent], EngineEvent]:
+    """A running generation and its first event."""
+    stream = aiter(engine.generate(request))
+    return stream, await anext(stream)
+
+
+async def test_concurrent_requests_on_different_adapters_answer_as_each_alone(engine: EmbeddedEngine) -> None:
+    requests = [_request(p, adapter, max_tokens=16 + 4 * i)
+                for i, p in enumerate(PROMPTS) for adapter in (None, "p0@v1", "p1@v1")]
+    requests += [_request(PROMPTS[0], "p1@v1", n=3), _request(PROMPTS[2], None, n=2, temperature=1.0, seed=5)]
+    alone = [await _answer(engine, r) for r in requests]
+    together = await asyncio.gather(*[_answer(engine, r) for r in requests])
+    assert together == alone
+    by_adapter = {r.adapter: a[0][0] for r, a in zip(requests, alone, strict=True) if r.prompt == PROMPTS[0]}
+    assert len(set(by_adapter.values())) == 3  # the adapters answer differently: a wrong one would show
+
+
+@pytest.mark.parametrize("leave", ["aclose", "cancel"])
+async def test_a_client_that_goes_away_gives_its_place_back(engine: EmbeddedEngine, leave: str) -> None:
+    engine.max_queued_requests = 1
+    try:
+        request = _request(PROMPTS[0], "p0@v1", max_tokens=LONG, temperature=1.0, seed=3)
+        if leave == "aclose":
+            stream, _ = await _started(engine, request)
+            await stream.aclose()  # type: ignore[attr-defined]
+        else:
+            task = asyncio.create_task(_answer(engine, request))  # a non-streamed request waits for its answer
+            await _wait_for(lambda: engine.rows_decoding == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await _wait_for(lambda: engine.requests_held == 0 and engine.rows_decoding == 0)
+        _, reasons, _ = await _answer(engine, _request(PROMPTS[1], max_tokens=2))
+        assert reasons == {0: "length"}
+    finally:
+        engine.max_queued_requests = 64
+
+
+async def test_a_full_engine_answers_overloaded_with_a_retry_hint(engine: EmbeddedEngine) -> None:
+    engine.max_queued_requests = 2
+    try:
+        running = [await _started(engine, _request(p, max_tokens=LONG, temperature=1.0, seed=1)) for p in PROMPTS[:2]]
+        assert engine.requests_held == 2
+        with pytest.raises(EngineOverloaded) as caught:
+            await anext(aiter(engine.generate(_request(PROMPTS[2]))))
+        error = caught.value
+        assert (error.status_code, error.error_type, error.code) == (429, "rate_limit_error", "engine_overloaded")
+        assert error.retry_after >= 1
+        for stream, _ in running:
+            await stream.aclose()  # type: ignore[attr-defined]
+        await _wait_for(lambda: engine.requests_held == 0)
+        await _answer(engine, _request(PROMPTS[2], max_tokens=2))
+    finally:
+        engine.max_queued_requests = 64
+
+
+async def test_adapters_unloaded_or_reloaded_while_requests_run(engine: EmbeddedEngine, loras: list[Path]) -> None:
+    await engine.load_adapter("gone@v1", loras[0])
+    await engine.load_adapter("swapped@v1", loras[1])
+    on_gone, on_swapped, on_other = (_request(PROMPTS[0], name, max_tokens=200)
+                                     for name in ("gone@v1", "swapped@v1", "p1@v1"))
+    expected = [await _answer(engine, r) for r in (on_gone, on_swapped, on_other)]
+    await engine.load_adapter("new@v1", loras[2])
+    expected_new = await _answer(engine, _request(PROMPTS[0], "new@v1", max_tokens=200))
+
+    tasks = [asyncio.create_task(_answer(engine, r)) for r in (on_gone, on_swapped, on_other)]
+    await _wait_for(lambda: engine.rows_decoding == 3)
+    await engine.unload_adapter("gone@v1")
+    await engine.load_adapter("swapped@v1", loras[2])  # a reload: later requests get the new weights
+    assert engine.rows_decoding == 3  # all three still running: the changes happened under them
+    assert "gone@v1" not in engine.loaded_adapters()
+    with pytest.raises(AdapterNotLoaded):
+        await anext(aiter(engine.generate(_request(PROMPTS[0], "gone@v1"))))
+    after_reload = await _answer(engine, _request(PROMPTS[0], "swapped@v1", max_tokens=200))
+    assert await asyncio.gather(*tasks) == expected  # each kept the weights it started with
+    assert after_reload[0] == expected_new[0]
+    await engine.unload_adapter("swapped@v1")
+    await engine.unload_adapter("new@v1")
+    await _answer(engine, _request(PROMPTS[1], "p0@v1", max_tokens=2))
+    assert engine.loaded_adapters() == {"p0@v1", "p1@v1"}
