@@ -8,19 +8,23 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.auth import require_api_key
-from gateway.errors import ERROR_RESPONSES, APIError
+from gateway.errors import ERROR_RESPONSES, ErrorResponse
 from gateway.openai_api.planning import Plan, Planner
 from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.openai_api.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
-from gateway.openai_api.serving import InferenceService
+from gateway.openai_api.serving import InferenceService, StreamedAnswer
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
-SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks ending in `[DONE]` when `stream`"}
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks ending in `[DONE]` when `stream`"},
+    429: {"model": ErrorResponse, "description": "The engine's queue is full: retry after `Retry-After` seconds",
+          "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                      "schema": {"type": "integer"}}}},
 }
 
 
@@ -36,34 +40,51 @@ Inference = Annotated[InferenceService, Depends(get_inference)]
 Planning = Annotated[Planner, Depends(get_planner)]
 
 
-async def _answer(service: InferenceService, plan: Plan, stream: bool, include_usage: bool) -> Response:
+class AnswerEventStream(EventSourceResponse):
+    """SSE that closes its answer when the response ends for any reason, the client leaving included (even before
+    the first byte), so the engine stops generating for nobody at once rather than at garbage collection."""
+
+    body_iterator: StreamedAnswer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has closed its connection (ASGI's `http.disconnect`); the body is already read."""
+    while (await receive())["type"] != "http.disconnect":
+        continue
+
+
+async def _answer(request: Request, service: InferenceService, plan: Plan, stream: bool,
+                  include_usage: bool) -> Response:
     started = time.perf_counter()
     if not stream:
-        plan, body = await service.complete(plan, started)
+        plan, body = await service.complete(plan, started, client_gone(request.receive))
         return Response(body.model_dump_json(), media_type="application/json", headers=plan.headers())
-    try:
-        plan, events, first = await service.start(plan)
-    except APIError as exc:
-        service.record_error(plan, exc.status_code)
-        raise
-    return EventSourceResponse(service.stream(plan, events, first, started, include_usage),
-                               headers={**plan.headers(), "cache-control": "no-cache"})
+    plan, answer = await service.open_stream(plan, started, include_usage, client_gone(request.receive))
+    return AnswerEventStream(answer, headers={**plan.headers(), "cache-control": "no-cache"})
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSES,
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES,
              summary="Chat completion; a registered prompt is answered by its adapter from the bare query")
-async def chat_completions(body: ChatCompletionRequest, planner: Planning, service: Inference) -> Response:
+async def chat_completions(request: Request, body: ChatCompletionRequest, planner: Planning,
+                           service: Inference) -> Response:
     plan = planner.planned(planner.plan_chat, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(service, plan, body.stream, include_usage)
+    return await _answer(request, service, plan, body.stream, include_usage)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=SSE_RESPONSES,
+@router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES,
              summary="Text completion; a registered completion template is answered by its adapter")
-async def completions(body: CompletionRequest, planner: Planning, service: Inference) -> Response:
+async def completions(request: Request, body: CompletionRequest, planner: Planning,
+                      service: Inference) -> Response:
     plan = planner.planned(planner.plan_completion, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(service, plan, body.stream, include_usage)
+    return await _answer(request, service, plan, body.stream, include_usage)
 
 
 @router.get("/models", response_model=ModelList, summary="The base model, then every ready adapter as `<prompt>@v<N>`")

@@ -1,10 +1,18 @@
-"""Running a planned request: call the engine, fall back when an adapter fails early, account, answer."""
+"""Running a planned request: call the engine, fall back when an adapter fails early, account, answer.
+
+A client that goes away cancels its generation, so the engine never works for nobody: a non-streamed
+request and the wait for a stream's first event race the generation against the client's disconnect,
+and a streamed answer closes the engine's stream whenever its response ends.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import TypeVar
 
 from fastapi.sse import format_sse_event
 
@@ -23,6 +31,36 @@ from gateway.openai_api.shaping import ChunkShaper, Outcome, whole_response
 
 log = logging.getLogger(__name__)
 DONE = format_sse_event(data_str="[DONE]")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer: counted, never sent
+T = TypeVar("T")
+
+
+class ClientClosedRequest(APIError):
+    """The client closed its connection before its answer was ready; no one reads this error."""
+
+    status_code = CLIENT_CLOSED
+    error_type = "client_closed_request"
+
+
+async def unless_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
+    """Await `work` unless `gone` (the client's disconnect) comes first; then cancel it and raise ClientClosedRequest.
+
+    Cancelling the work cancels the engine stream it is reading, which frees the request's engine slot.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientClosedRequest("the client closed the connection before the answer was ready",
+                                  code="client_closed_request")
+    return task.result()
 
 
 class InferenceService:
@@ -32,6 +70,23 @@ class InferenceService:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+
+    async def open_stream(self, plan: Plan, started: float, include_usage: bool,
+                          gone: Awaitable[None]) -> tuple[Plan, StreamedAnswer]:
+        """Start a streamed answer and wait for its first event (errors are still HTTP errors) or the client to go."""
+        plan, events, first = await unless_gone(self._counted(plan, self.start(plan)), gone)
+        return plan, StreamedAnswer(self, plan, events, first, started, include_usage)
+
+    async def _counted(self, plan: Plan, work: Awaitable[T]) -> T:
+        """`work`, with its failure counted in the metrics: its HTTP status, or 499 when it was cancelled."""
+        try:
+            return await work
+        except APIError as exc:
+            self.record_error(plan, exc.status_code)
+            raise
+        except asyncio.CancelledError:
+            self.record_error(plan, CLIENT_CLOSED)
+            raise
 
     async def start(self, plan: Plan) -> tuple[Plan, AsyncIterator[EngineEvent], EngineEvent | None]:
         """Start generating and wait for the first event, so errors still become HTTP errors.
@@ -51,23 +106,34 @@ class InferenceService:
             first = await anext(stream, None)
         return plan, stream, first
 
-    async def complete(self, plan: Plan, started: float) -> tuple[Plan, ChatCompletionResponse | CompletionResponse]:
+    async def complete(self, plan: Plan, started: float,
+                       gone: Awaitable[None]) -> tuple[Plan, ChatCompletionResponse | CompletionResponse]:
+        """The whole answer, unless the client leaves first: then generation stops and ClientClosedRequest is raised."""
+        return await unless_gone(self._complete(plan, started), gone)
+
+    async def _complete(self, plan: Plan, started: float) -> tuple[Plan, ChatCompletionResponse | CompletionResponse]:
         try:
             plan, stream, first = await self.start(plan)
             outcome = Outcome()
             ttft: float | None = None
-            async for event in _chain(first, stream):
-                if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
-                    ttft = time.perf_counter() - started
-                outcome.add(event)
+            try:
+                async for event in _chain(first, stream):
+                    if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
+                        ttft = time.perf_counter() - started
+                    outcome.add(event)
+            finally:
+                await close_events(stream)
         except APIError as exc:
             self.record_error(plan, exc.status_code)
+            raise
+        except asyncio.CancelledError:
+            self.record_error(plan, CLIENT_CLOSED)
             raise
         usage = self.record(plan, outcome.usage, started, ttft)
         return plan, whole_response(plan, outcome, usage, int(time.time()))
 
-    async def stream(self, plan: Plan, stream: AsyncIterator[EngineEvent], first: EngineEvent | None,
-                     started: float, include_usage: bool) -> AsyncIterator[bytes]:
+    async def sse(self, plan: Plan, stream: AsyncIterator[EngineEvent], first: EngineEvent | None,
+                  started: float, include_usage: bool) -> AsyncGenerator[bytes]:
         """SSE events in OpenAI's format, ending with `[DONE]`; an engine error mid-stream is one error event."""
         shaper = ChunkShaper(plan, int(time.time()))
         ttft: float | None = None
@@ -90,7 +156,7 @@ class InferenceService:
             return
         finally:
             if not finished and usage is None:
-                self.record_error(plan, 499)  # the client went away mid-stream
+                self.record_error(plan, CLIENT_CLOSED)  # the client went away mid-stream
         assert usage is not None
         usage_out = self.record(plan, usage, started, ttft)
         if include_usage:
@@ -120,6 +186,39 @@ class InferenceService:
 
     def record_error(self, plan: Plan, status: int) -> None:
         self.metrics.request_errors.labels(route=plan.route, code=str(status)).inc()
+
+
+class StreamedAnswer:
+    """The SSE body of one streamed answer. `aclose()` ends it whether or not it began: it closes the engine's
+    stream at once (freeing the request's slot) and counts an unfinished answer as a 499."""
+
+    def __init__(self, service: InferenceService, plan: Plan, events: AsyncIterator[EngineEvent],
+                 first: EngineEvent | None, started: float, include_usage: bool) -> None:
+        self._service = service
+        self._plan = plan
+        self._events = events
+        self._body = service.sse(plan, events, first, started, include_usage)
+        self._began = False
+
+    def __aiter__(self) -> StreamedAnswer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._began = True
+        return await anext(self._body)
+
+    async def aclose(self) -> None:
+        if not self._began:  # the client left before the first byte: the body never ran to count it
+            self._began = True
+            self._service.record_error(self._plan, CLIENT_CLOSED)
+        await self._body.aclose()
+        await close_events(self._events)
+
+
+async def close_events(events: AsyncIterator[EngineEvent]) -> None:
+    """Close an engine stream now, so its cleanup (freeing the request's slot) runs here, not at garbage collection."""
+    if isinstance(events, AsyncGenerator):
+        await events.aclose()
 
 
 async def _chain(first: EngineEvent | None, tail: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
