@@ -47,7 +47,7 @@ def run(settings: Settings, requests: int = 40) -> dict[str, Any]:
         bench_settings = settings.model_copy(update={
             "data_dir": root / "data", "adapter_dir": root / "adapters", "base_model": model_dir,
             "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1",
-            "api_keys": []})
+            "api_keys": [], "import_dir": root})
         with LocalGateway(bench_settings) as gateway:
             with gateway.admin() as admin:
                 r = admin.post("/v1/prompts", json={"name": "bench", "messages": TEMPLATE,

@@ -125,7 +125,7 @@ def demo_stack(settings: Settings, model_path: Path | None = None,
         demo = settings.model_copy(update={
             "data_dir": root / "data", "adapter_dir": root / "adapters", "base_model": model,
             "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1",
-            "api_keys": []})
+            "api_keys": [], "import_dir": root})
         gateway = stack.enter_context(LocalGateway(demo))
         with gateway.admin() as admin:
             admin.post("/v1/prompts", json={"name": "nl2bash", "messages": BASH,

@@ -13,7 +13,6 @@ from typing import Any
 
 from core.errors import InvalidAdapter
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 TMP_PREFIX = ".tmp-"
 VERSION_DIR = re.compile(r"v(\d+)")
 
@@ -61,24 +60,6 @@ class AdapterStore:
             raise FileExistsError(f"{final} already exists; adapter versions are never overwritten")
         os.replace(staging, final)
         return final
-
-    def import_adapter(self, source: Path, prompt: str, version: int, served_model_name: str,
-                       manifest: dict[str, Any]) -> Path:
-        """Copy an uploaded PEFT folder in, naming the served base model so vLLM accepts it."""
-        staging = self.staging_dir(prompt, version)
-        try:
-            for name in ADAPTER_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, staging / name)
-            config_path = staging / "adapter_config.json"
-            config = json.loads(config_path.read_text())
-            config["base_model_name_or_path"] = served_model_name
-            config_path.write_text(json.dumps(config, indent=2))
-            write_manifest(staging, manifest)
-            return self.publish(staging, prompt, version)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def remove_prompt(self, prompt: str, versions: list[int]) -> None:
         """Remove the registry's versions of a prompt (and staging leftovers); folders written by hand stay."""

@@ -110,7 +110,7 @@ def deploy(request: pytest.FixtureRequest) -> DeployFiles:
 @pytest.fixture(scope="module")
 def observed(tiny_model_path: Path, module_tmp: Path, deploy: DeployFiles) -> Iterator[Observed]:
     require_prometheus()
-    adapter = random_lora(tiny_model_path, module_tmp / "shell-lora", seed=21, scale=20.0)
+    adapter = random_lora(tiny_model_path, module_tmp / "data" / "import" / "shell-lora", seed=21, scale=20.0)
     with LiveServer(gateway_settings(module_tmp, tiny_model_path)) as server:
         with server.admin() as admin:
             r = admin.post("/v1/prompts", json={"name": "shell", "messages": SHELL, "adapter_path": str(adapter)})

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.jsonl import parse_jsonl
 from core.templates import PromptTemplate
 
 QUERY_ALIAS = "query"
@@ -104,14 +105,10 @@ def load_jsonl(path: Path) -> list[Any]:
         raise TrainDataError(f"data file {path} does not exist") from None
     except UnicodeDecodeError as exc:
         raise TrainDataError(f"data file {path} is not UTF-8 text: {exc}") from None
-    rows: list[Any] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise TrainDataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+    try:
+        rows = parse_jsonl(text)
+    except ValueError as exc:
+        raise TrainDataError(f"{path}, {exc}") from None
     if not rows:
         raise TrainDataError(f"data file {path} has no rows")
     return rows

@@ -170,7 +170,7 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
     gateway_settings = settings.model_copy(update={
         "data_dir": root / "gateway-data", "adapter_dir": root / "gateway-adapters",
         "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1", "api_keys": [],
-        "model_aliases": []})
+        "model_aliases": [], "import_dir": adapter.path.parent})
     progress.say(f"row {condition.number}: starting the gateway ({settings.engine} engine) and registering "
                  f"{example.name!r} with {adapter.path}")
     with LocalGateway(gateway_settings) as gateway:

@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile
 
 from core.adapter_store import AdapterStore, adapter_rank, write_manifest
 from core.errors import InvalidAdapter, InvalidInput
+from core.jsonl import parse_jsonl
 
 INVALID_IMPORT_PATH = "invalid_import_path"
 INVALID_UPLOAD = "invalid_upload"
@@ -267,15 +268,10 @@ def read_import_jsonl(import_dir: Path, given: str, *, max_bytes: int) -> list[A
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the training file is not UTF-8 text: {exc}", param=param, code=code) from None
-    rows: list[Any] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"the training file, line {number}: not valid JSON ({exc.msg})", param=param,
-                               code=code) from None
+    try:
+        rows = parse_jsonl(text)
+    except ValueError as exc:
+        raise InvalidInput(f"the training file, {exc}", param=param, code=code) from None
     if not rows:
         raise InvalidInput("the training file has no rows", param=param, code=code)
     return rows
