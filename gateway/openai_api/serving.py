@@ -18,7 +18,7 @@ from fastapi.sse import format_sse_event
 
 from core.config import Settings
 from gateway.engines.base import AdapterNotLoaded, Engine, EngineError, EngineEvent, TextDelta, ToolCallDelta, Usage
-from gateway.errors import APIError
+from gateway.errors import APIError, InternalError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
 from gateway.openai_api.responses import (
@@ -134,11 +134,15 @@ class InferenceService:
 
     async def sse(self, plan: Plan, stream: AsyncIterator[EngineEvent], first: EngineEvent | None,
                   started: float, include_usage: bool) -> AsyncGenerator[bytes]:
-        """SSE events in OpenAI's format, ending with `[DONE]`; an engine error mid-stream is one error event."""
+        """SSE events in OpenAI's format, ending with `[DONE]`.
+
+        Once the stream has begun its status cannot change, so any failure (the engine's, or vLLM dying
+        mid-answer) is one error event in OpenAI's shape, then `[DONE]`: the client never sees a cut stream.
+        """
         shaper = ChunkShaper(plan, int(time.time()))
         ttft: float | None = None
         usage: Usage | None = None
-        finished = False
+        failure: APIError | None = None
         try:
             async for event in _chain(first, stream):
                 if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
@@ -147,16 +151,21 @@ class InferenceService:
                     usage = event
                 for chunk in shaper.chunks(event):
                     yield format_sse_event(data_str=chunk)
-            finished = True
+            if usage is None:
+                failure = EngineError("the engine's stream ended before the answer did", code="engine_error")
         except APIError as exc:
-            finished = True
-            self.record_error(plan, exc.status_code)
-            yield format_sse_event(data_str=exc.json())
+            failure = exc
+        except Exception as exc:
+            log.exception("streamed generation failed")
+            failure = InternalError(f"generation failed: {type(exc).__name__}", code="engine_error")
+        finally:
+            if failure is None and usage is None:
+                self.record_error(plan, CLIENT_CLOSED)  # the client went away mid-stream
+        if failure is not None:
+            self.record_error(plan, failure.status_code)
+            yield format_sse_event(data_str=failure.json())
             yield DONE
             return
-        finally:
-            if not finished and usage is None:
-                self.record_error(plan, CLIENT_CLOSED)  # the client went away mid-stream
         assert usage is not None
         usage_out = self.record(plan, usage, started, ttft)
         if include_usage:
