@@ -74,6 +74,14 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from benchmarks import load
+
+    load.run(Settings(), requests=args.requests, max_tokens=args.max_tokens, timeout=args.timeout,
+             max_queued=args.max_queued, with_vllm=args.vllm, fast_start=args.fast_start)
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from benchmarks import dashboard
 
@@ -111,6 +119,7 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_matcher(targets)
     _add_gateway(targets)
     _add_engines(targets)
+    _add_load(targets)
     _add_dashboard(targets)
     _add_paper(targets)
 
@@ -138,6 +147,19 @@ def _add_engines(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="start vLLM in eager mode (starts in seconds, serves slower)")
     p.add_argument("--skip-vllm", action="store_true", help="embedded engine only")
     p.set_defaults(func=_guarded(cmd_engines))
+
+
+def _add_load(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("load", help="concurrent streaming requests on a live gateway: errors, latency, RSS")
+    p.add_argument("--requests", type=count, default=200, help="requests sent at once, per burst (default 200)")
+    p.add_argument("--max-tokens", type=count, default=8, help="tokens generated per request (default 8)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a client gives up (default 300)")
+    p.add_argument("--max-queued", type=count, default=None,
+                   help="the embedded engine's MAX_QUEUED_REQUESTS (default: the setting's)")
+    p.add_argument("--vllm", action="store_true", help="also on vLLM (started here; needs .venv-vllm)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="start vLLM in eager mode (starts in seconds, serves slower)")
+    p.set_defaults(func=_guarded(cmd_load))
 
 
 def _add_dashboard(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
