@@ -25,8 +25,7 @@ from gateway.engines.base import (
 from gateway.engines.embedded import EmbeddedEngine
 from trainer.lora import random_lora
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
+IN_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 PROMPTS = ["Input: list files\nOutput:", "hi", "Translate to bash: count the lines of every .py file under src",
            "What is 2+2?"]
 LONG = 400  # tokens of a request meant to still be running while the test looks at the engine
@@ -81,6 +80,7 @@ async def _started(engine: EmbeddedEngine, request: EngineRequest) -> tuple[Asyn
     return stream, await anext(stream)
 
 
+@IN_MODULE_LOOP
 async def test_concurrent_requests_on_different_adapters_answer_as_each_alone(engine: EmbeddedEngine) -> None:
     requests = [_request(p, adapter, max_tokens=16 + 4 * i)
                 for i, p in enumerate(PROMPTS) for adapter in (None, "p0@v1", "p1@v1")]
@@ -92,6 +92,7 @@ async def test_concurrent_requests_on_different_adapters_answer_as_each_alone(en
     assert len(set(by_adapter.values())) == 3  # the adapters answer differently: a wrong one would show
 
 
+@IN_MODULE_LOOP
 @pytest.mark.parametrize("leave", ["aclose", "cancel"])
 async def test_a_client_that_goes_away_gives_its_place_back(engine: EmbeddedEngine, leave: str) -> None:
     engine.max_queued_requests = 1
@@ -113,6 +114,7 @@ async def test_a_client_that_goes_away_gives_its_place_back(engine: EmbeddedEngi
         engine.max_queued_requests = 64
 
 
+@IN_MODULE_LOOP
 async def test_a_full_engine_answers_overloaded_with_a_retry_hint(engine: EmbeddedEngine) -> None:
     engine.max_queued_requests = 2
     try:
@@ -131,6 +133,7 @@ async def test_a_full_engine_answers_overloaded_with_a_retry_hint(engine: Embedd
         engine.max_queued_requests = 64
 
 
+@IN_MODULE_LOOP
 async def test_adapters_unloaded_or_reloaded_while_requests_run(engine: EmbeddedEngine, loras: list[Path]) -> None:
     await engine.load_adapter("gone@v1", loras[0])
     await engine.load_adapter("swapped@v1", loras[1])
@@ -155,3 +158,24 @@ async def test_adapters_unloaded_or_reloaded_while_requests_run(engine: Embedded
     await engine.unload_adapter("new@v1")
     await _answer(engine, _request(PROMPTS[1], "p0@v1", max_tokens=2))
     assert engine.loaded_adapters() == {"p0@v1", "p1@v1"}
+
+
+def test_a_step_prefills_new_prompts_within_its_token_budget(tiny_model_path: Path) -> None:
+    """Many new long prompts join over several steps, so the rows already running keep getting tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gateway.engines.sampling import PREFILL_TOKENS_PER_STEP, DecodeLoop
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    loop = DecodeLoop(model, tokenizer, set())
+    [running] = loop.add([1, 2, 3], SamplingParams(temperature=0.0), 8)
+    loop.step()
+    prompt = list(range(5, 5 + PREFILL_TOKENS_PER_STEP * 2 // 5))  # two fit in one step's budget, not three
+    for _ in range(3):
+        loop.add(prompt, SamplingParams(temperature=0.0), 4)
+    loop.step()
+    assert len(loop.rows) == 3 and len(loop.pending) == 1 and len(running.generated) == 2
+    loop.step()
+    assert len(loop.rows) == 4 and not loop.pending and len(running.generated) == 3

@@ -22,6 +22,9 @@ from gateway.engines.kv_batch import PaddedKVBatch
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the choices of one seeded request over unrelated seeds
 BASE_ROW = "__base__"  # peft's name for a row that runs on the base model alone
+# Prompt tokens prefilled per step at most (one prompt always goes): bounds how long running rows wait for
+# their next token, and how long a cancelled request waits to be dropped, while many new requests arrive.
+PREFILL_TOKENS_PER_STEP = 512
 StepEvent = tuple["Sequence", TextDelta | Finished]
 
 
@@ -103,12 +106,14 @@ class DecodeLoop:
         self.rows, self.pending = [], []
 
     def step(self) -> list[StepEvent]:
-        """Prefill new prompts, decode every row in one pass, then choose and stream one token each."""
+        """Prefill new prompts, decode every row in one pass, then choose and stream one token each.
+
+        Events are for the sequences that took part; pending ones beyond the prefill budget wait.
+        """
         import torch
 
         with torch.inference_mode():
-            joining = self.pending
-            self.pending = []
+            joining = self._take_pending()
             prefills = [self._prefill(group) for group in joining]
             if self.rows:
                 self._decode()
@@ -119,6 +124,17 @@ class DecodeLoop:
             if any(s.finish_reason is not None for s in self.rows):
                 self._keep([s for s in self.rows if s.finish_reason is None])
         return events
+
+    def _take_pending(self) -> list[list[Sequence]]:
+        """The groups to prefill this step, first come first served, within PREFILL_TOKENS_PER_STEP."""
+        taken, tokens = 0, 0
+        for group in self.pending:
+            tokens += len(group[0].prompt_ids)
+            if taken and tokens > PREFILL_TOKENS_PER_STEP:
+                break
+            taken += 1
+        joining, self.pending = self.pending[:taken], self.pending[taken:]
+        return joining
 
     def _forward(self, input_ids: Any, adapters: list[str | None], **kwargs: Any) -> Any:
         if self._logits_to_keep:
