@@ -74,6 +74,14 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batching(args: argparse.Namespace) -> int:
+    from benchmarks import batching
+
+    batching.run(Settings(), before=args.before, concurrency=tuple(args.concurrency), requests=args.requests,
+                 max_tokens=args.max_tokens, skip_before=args.skip_before)
+    return 0
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from benchmarks import load
 
@@ -119,6 +127,7 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_matcher(targets)
     _add_gateway(targets)
     _add_engines(targets)
+    _add_batching(targets)
     _add_load(targets)
     _add_dashboard(targets)
     _add_paper(targets)
@@ -147,6 +156,21 @@ def _add_engines(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="start vLLM in eager mode (starts in seconds, serves slower)")
     p.add_argument("--skip-vllm", action="store_true", help="embedded engine only")
     p.set_defaults(func=_guarded(cmd_engines))
+
+
+def _add_batching(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from benchmarks.batching import BEFORE_BATCHING
+
+    p = targets.add_parser("batching", help="embedded engine throughput before and after continuous batching")
+    p.add_argument("--before", default=BEFORE_BATCHING,
+                   help=f"git commit of the engine to compare with (default {BEFORE_BATCHING}, the last without "
+                        "batching; run from the repository)")
+    p.add_argument("--skip-before", action="store_true", help="measure the installed engine only")
+    p.add_argument("--concurrency", type=count, nargs="+", default=[1, 8, 32],
+                   help="concurrency levels (default 1 8 32)")
+    p.add_argument("--requests", type=count, default=32, help="requests per row (default 32)")
+    p.add_argument("--max-tokens", type=count, default=16, help="tokens generated per request (default 16)")
+    p.set_defaults(func=_guarded(cmd_batching))
 
 
 def _add_load(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
