@@ -132,3 +132,17 @@ def test_an_admin_key_shorter_than_16_characters_is_refused(tmp_path: Path, monk
         main(["serve"])
     assert exited.value.code == 2
     assert "PROMPTINTERN_ADMIN_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields", [{"top_p": 5e-324}, {"temperature": 5e-324}, {"temperature": 1e-40, "top_p": 1e-46}])
+def test_vanishing_temperature_or_top_p_is_served(client: TestClient, fields: dict[str, Any]) -> None:
+    response = chat(client, **fields)
+    assert response.status_code == 200, response.text
+    completion = client.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "max_tokens": 2, **fields})
+    assert completion.status_code == 200, completion.text
+
+
+def test_a_non_text_part_is_a_400_on_the_embedded_engine(client: TestClient) -> None:
+    image = [{"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]
+    error = error_of(chat(client, messages=[{"role": "user", "content": image}]), 400)
+    assert error["code"] == "unsupported_parameter" and error["param"] == "messages.0.content"

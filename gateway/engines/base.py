@@ -39,9 +39,10 @@ class ContextLengthExceeded(BadRequest):
 
 
 class UnsupportedParameter(BadRequest):
-    def __init__(self, param: str, engine: str) -> None:
-        super().__init__(f"'{param}' is not supported by the {engine} engine", param=param,
-                         code="unsupported_parameter")
+    def __init__(self, param: str, engine: str, *, what: str | None = None) -> None:
+        message = (f"{what} are not supported by the {engine} engine ({param})" if what
+                   else f"'{param}' is not supported by the {engine} engine")
+        super().__init__(message, param=param, code="unsupported_parameter")
 
 
 class AdapterNotLoaded(EngineError):

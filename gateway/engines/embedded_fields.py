@@ -70,7 +70,12 @@ def honoured(key: str, value: Any, request: EngineRequest) -> bool:
 
 
 def refuse_unhonoured_fields(request: EngineRequest, engine: str) -> None:
-    """Raise UnsupportedParameter (400) for the first extra field the embedded engine would not honour."""
+    """Raise UnsupportedParameter (400) for the first extra field the embedded engine would not honour,
+    or for message content that is not text (images, audio, files: this engine reads text only)."""
+    for number, message in enumerate(request.messages or ()):
+        if not isinstance(message.get("content"), str | None):
+            raise UnsupportedParameter(f"messages.{number}.content", engine,
+                                       what="content parts other than text")
     for key, value in sorted(request.extra.items()):
         if value is not None and not honoured(key, value, request):
             raise UnsupportedParameter(key, engine)

@@ -192,6 +192,9 @@ class DecodeLoop:
         return [*([TextDelta(sequence.index, rest)] if rest else []), Finished(sequence.index, reason)]
 
 
+MIN_TEMPERATURE = 1e-5  # as vLLM: below this, sampling is greedy
+
+
 def choose_token(logits: Any, params: SamplingParams, counts: dict[int, int], generator: Any) -> int:
     """OpenAI's penalties, then greedy (temperature 0) or temperature and nucleus sampling."""
     import torch
@@ -201,12 +204,13 @@ def choose_token(logits: Any, params: SamplingParams, counts: dict[int, int], ge
         ids = torch.tensor(list(counts))
         freq = torch.tensor([float(c) for c in counts.values()])
         logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
-    if params.temperature == 0:
+    if params.temperature < MIN_TEMPERATURE:  # dividing by a vanishing temperature overflows: it is greedy
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True  # the most likely token always stays, however small top_p is
         sorted_probs = sorted_probs * keep
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])
