@@ -50,7 +50,8 @@ def build_engine(settings: Settings) -> Engine:
     from gateway.engines.embedded import EmbeddedEngine
 
     return EmbeddedEngine(model_dir, max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
-                          default_max_tokens=settings.default_max_tokens, threads=settings.torch_threads)
+                          default_max_tokens=settings.default_max_tokens, threads=settings.torch_threads,
+                          max_queued_requests=settings.max_queued_requests)
 
 
 UPLOAD_ROUTE = re.compile(r"/v1/prompts/[^/]+/adapters")
