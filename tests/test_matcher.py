@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.matcher import Match, Matcher
 from core.templates import CHAT_ROLES, COMPLETION_ROLE, PromptTemplate, Slot, escape, normalize, parse_template
+from gateway.matcher import Match, Matcher
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import build_parser, main, vllm_extra_args
 from core.config import Settings
+from gateway.cli import build_parser, main, vllm_extra_args
 from gateway.vllm_server import VLLM_LORA_RANKS, vllm_command
 
 
