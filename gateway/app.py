@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import re
 import time
 from collections.abc import AsyncIterator
@@ -201,14 +202,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        model_dir = base_model_dir(settings)
+        # Files, the database and the model are read in threads: the loop stays free from the first moment.
+        await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
+        # The first guess of a static file's type reads the system's MIME tables: once, here, not in a request.
+        await asyncio.to_thread(mimetypes.init)
+        model_dir = await asyncio.to_thread(base_model_dir, settings)
         metrics = GatewayMetrics()
-        registry = PromptRegistry(settings.resolved_database_url)
-        store = AdapterStore(settings.adapter_dir)
-        the_engine = engine or build_engine(settings)
+        registry = await asyncio.to_thread(lambda: PromptRegistry(settings.resolved_database_url))
+        store = await asyncio.to_thread(AdapterStore, settings.adapter_dir)
+        the_engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
         await the_engine.start()
-        counter = TokenCounter.from_model_dir(model_dir)
+        counter = await asyncio.to_thread(TokenCounter.from_model_dir, model_dir)
 
         # The runner reaches the service through these callbacks only, first called after `runner.start()`.
         async def activate_trained(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
@@ -234,7 +238,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             await runner.close()
             await the_engine.close()
-            registry.close()
+            await asyncio.to_thread(registry.close)
 
     app = FastAPI(
         title="PromptIntern gateway",

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import queue
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ from gateway.prompts.protocol import TrainSpec
 from gateway.registry.db import utcnow
 from gateway.registry.store import JobRecord, PromptRegistry
 from trainer import jobspec
-from trainer.jobspec import JobSpec, TrainData, TrainResult
+from trainer.jobspec import ChildMessage, JobSpec, TrainData, TrainResult
 
 log = logging.getLogger(__name__)
 LEASE_TTL = timedelta(seconds=30)
@@ -56,10 +56,73 @@ class TrainingJobs(Protocol):
     async def cancel(self, name: str) -> None: ...
 
 
+class _PipeSender:
+    """The child's end of a one-way pipe with the `put` that `trainer.jobspec.run_in_child` sends through.
+
+    A pipe rather than a `multiprocessing.Queue`: a queue's semaphores unregister from multiprocessing's
+    resource tracker (a pipe write) whenever the queue is collected, which would be on the event loop.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def put(self, message: ChildMessage) -> None:
+        self.connection.send(message)
+
+
 @dataclass(frozen=True)
 class _Child:
     process: Any  # multiprocessing.Process (spawn context)
-    messages: Any  # multiprocessing.Queue of trainer.jobspec.ChildMessage
+    messages: Connection  # the parent's end of the pipe: trainer.jobspec.ChildMessage tuples
+
+
+def _start_child(spec: JobSpec, name: str) -> _Child:
+    """Blocking: spawn the training process (this may start multiprocessing's resource tracker, and writes the
+    child's start-up data through a pipe)."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=jobspec.run_in_child,
+                              args=(spec.model_dump(mode="json"), _PipeSender(sender)), name=name, daemon=True)
+    try:
+        process.start()
+    finally:
+        sender.close()  # the child holds its own copy: the pipe reads as closed once the child is gone
+    return _Child(process, receiver)
+
+
+def _receive(child: _Child, timeout: float) -> ChildMessage | None:
+    """Blocking: the child's next message; None if none came within `timeout` s, or if the child closed its
+    end (then it is given up to `timeout` s to exit)."""
+    try:
+        if child.messages.poll(timeout):
+            message: ChildMessage = child.messages.recv()
+            return message
+    except EOFError:
+        child.process.join(timeout)
+    return None
+
+
+async def _spawn(spec: JobSpec, name: str) -> _Child:
+    """Start the training process from a thread; if the task is cancelled meanwhile, the process it started
+    is stopped before the cancellation goes on, so none is left behind."""
+    started = asyncio.ensure_future(asyncio.to_thread(_start_child, spec, name))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        await asyncio.wait([started])
+        if started.exception() is None:
+            await asyncio.to_thread(_terminate, started.result().process)
+        raise
+
+
+def _terminate(process: Any) -> None:
+    """Blocking: ask a child process to stop, wait up to 10 s, then kill it."""
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
 
 
 def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> TrainData:
@@ -72,7 +135,7 @@ class JobRunner:
     """Runs queued training jobs one at a time while this replica holds the runner lease."""
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, base_model_dir: Path, *,
-                 activate: ActivateVersion, versions_changed: Callable[[], None]) -> None:
+                 activate: ActivateVersion, versions_changed: Callable[[], Awaitable[None]]) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -84,6 +147,7 @@ class JobRunner:
         self._child: _Child | None = None
         self._running_job: int | None = None
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Lock()  # DELETE and the job's own ending may both stop the child
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="job-runner")
@@ -93,7 +157,7 @@ class JobRunner:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._stop_child()
+        await self._stop_child()
         await asyncio.to_thread(self.registry.release_lease, self.owner)
 
     @property
@@ -114,15 +178,14 @@ class JobRunner:
             return
         job = await asyncio.to_thread(self.registry.get_job, running)
         if job is None or job.prompt == name:
-            self._stop_child()
+            await self._stop_child()
 
-    def _stop_child(self) -> None:
-        child = self._child
-        if child is not None and child.process.is_alive():
-            child.process.terminate()
-            child.process.join(10)
-            if child.process.is_alive():
-                child.process.kill()
+    async def _stop_child(self) -> None:
+        """Terminate the training process (killed if it outlives 10 s), waiting for it in a thread, not the loop."""
+        async with self._stopping:
+            child = self._child
+            if child is not None:
+                await asyncio.to_thread(_terminate, child.process)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -178,7 +241,7 @@ class JobRunner:
         version = await asyncio.to_thread(self.registry.allocate_version, job.prompt, "training", "train", self.store)
         await asyncio.to_thread(self.registry.update_job, job.id, status="running", started_at=utcnow(),
                                 version=version, attempts=job.attempts + 1, progress={"phase": "starting"})
-        self._versions_changed()
+        await self._versions_changed()
         spec = JobSpec(
             prompt=job.prompt, kind=record.kind, template=record.template, examples=record.examples,
             data=data, out_dir=self.store.version_dir(job.prompt, version),
@@ -186,29 +249,27 @@ class JobRunner:
             lora_rank=self.settings.lora_rank, lora_targets=list(self.settings.lora_targets),
             cache_dir=self.settings.data_dir / "trainer-cache", threads=self.settings.train_threads,
         )
-        context = multiprocessing.get_context("spawn")
-        messages = context.Queue()
-        process = context.Process(target=jobspec.run_in_child, args=(spec.model_dump(mode="json"), messages),
-                                  name=f"train-{job.id}", daemon=True)
-        self._child = _Child(process, messages)
         log.info("training job %d: %s version %d", job.id, job.prompt, version)
+        self._child = await _spawn(spec, f"train-{job.id}")
         try:
-            process.start()
-            outcome = await self._follow(job, messages, process)
+            outcome = await self._follow(job, self._child)
         finally:
-            self._stop_child()
+            await self._stop_child()
             self._child = None
         await self._finish(job, version, spec.out_dir, outcome)
 
-    async def _follow(self, job: JobRecord, messages: Any, process: Any) -> tuple[str, Any]:
+    async def _follow(self, job: JobRecord, child: _Child) -> tuple[str, Any]:
         """Relay progress into the job row and keep the lease alive until the child reports."""
         last_write = 0.0
+        kind: str
+        body: Any
         while True:
-            try:
-                kind, body = await asyncio.to_thread(messages.get, True, POLL_S)
-            except queue.Empty:
-                if not process.is_alive():
-                    return "error", f"the training process exited with code {process.exitcode}"
+            message = await asyncio.to_thread(_receive, child, POLL_S)
+            if message is not None:
+                kind, body = message
+            elif not child.process.is_alive():
+                return "error", f"the training process exited with code {child.process.exitcode}"
+            else:
                 kind, body = "tick", None
             if kind == "done":
                 return kind, TrainResult.model_validate(body)
@@ -236,7 +297,7 @@ class JobRunner:
                                     error=str(body))
             await asyncio.to_thread(self.registry.update_job, job.id, status="failed", error=str(body),
                                     finished_at=utcnow())
-            self._versions_changed()
+            await self._versions_changed()
             return
         result: TrainResult = body
         ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)

@@ -115,6 +115,7 @@ class PromptService:
         self._routes: dict[str, RoutablePrompt] = {}
         self._by_adapter: dict[str, RoutablePrompt] = {}
         self._lock = asyncio.Lock()
+        self._gauge_lock = asyncio.Lock()
         self.jobs = jobs
 
     # -- routing table -------------------------------------------------------------------------
@@ -141,8 +142,11 @@ class PromptService:
         self._routes = routes
         self._by_adapter = {e.adapter: e for e in routes.values() if e.adapter}
 
-    def refresh_gauge(self) -> None:
-        self.metrics.set_adapter_counts(self.registry.adapter_counts())
+    async def refresh_gauge(self) -> None:
+        """Set the adapter gauge from the registry (queried in a thread); one refresh at a time, so the last to
+        run, which read after the latest change, is the one that stays."""
+        async with self._gauge_lock:
+            self.metrics.set_adapter_counts(await asyncio.to_thread(self.registry.adapter_counts))
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -161,7 +165,7 @@ class PromptService:
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(record.name, template, static, None), record.name)
             await self._activate_newest(record.name)
-        self.refresh_gauge()
+        await self.refresh_gauge()
 
     async def _activate_newest(self, name: str) -> None:
         """Load the newest ready version that still loads; mark those that no longer do as failed."""
@@ -246,7 +250,7 @@ class PromptService:
                     raise
             if train_spec is not None:
                 await self.jobs.submit(body.name, train_spec)
-            self.refresh_gauge()
+            await self.refresh_gauge()
         return await asyncio.to_thread(self.registry.get, record.name)
 
     async def train(self, name: str, spec: TrainSpec) -> JobRecord:
@@ -274,7 +278,7 @@ class PromptService:
         try:
             await asyncio.to_thread(self.registry.update_version, name, version, status="loading", path=str(path),
                                     manifest=manifest)
-            self.refresh_gauge()
+            await self.refresh_gauge()
             async with self._lock:
                 await self._load_and_warm(model_id, path)
                 await asyncio.to_thread(self.registry.update_version, name, version, status="ready")
@@ -288,7 +292,7 @@ class PromptService:
                                         error=f"the trained adapter did not load: {exc.message}")
             return False
         finally:
-            self.refresh_gauge()
+            await self.refresh_gauge()
         return True
 
     async def add_adapter(self, name: str, adapter_path: str) -> VersionRecord:
@@ -310,13 +314,13 @@ class PromptService:
     async def _add_checked(self, name: str, files: AdapterFiles) -> VersionRecord:
         async with self._lock:
             version = await self._add_adapter_locked(name, files)
-            self.refresh_gauge()
+            await self.refresh_gauge()
         return await asyncio.to_thread(self.registry.get_version, name, version)
 
     async def _add_adapter_locked(self, name: str, files: AdapterFiles) -> int:
         record = await asyncio.to_thread(self.registry.get, name)
         version = await asyncio.to_thread(self.registry.allocate_version, name, "loading", "upload", self.store)
-        self.refresh_gauge()
+        await self.refresh_gauge()
         model_id = adapter_model_id(name, version)
         started = time.monotonic()
         manifest: dict[str, Any] = {
@@ -353,7 +357,7 @@ class PromptService:
         async with self._lock:
             await asyncio.to_thread(self.registry.get, name)
             await self._delete_locked(name)
-            self.refresh_gauge()
+            await self.refresh_gauge()
 
     async def _delete_locked(self, name: str) -> None:
         self._publish(None, name)  # routing stops at once
