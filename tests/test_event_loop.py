@@ -51,13 +51,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 # Blocking calls on the loop in gateway code that belongs to work in progress elsewhere; each is reported, to
 # be moved off the loop by its owner, and then its line here goes. Each names the innermost function of ours
 # that blocks (a synchronous one), so nothing around it is let through.
-PENDING_FIXES = [
-    # gateway/engines/embedded.py and gateway/engines/vllm.py: `load_adapter` calls `read_adapter_config`
-    # (stats the folder, reads adapter_config.json) on the loop before it hands the load on.
-    ("core/adapter_store.py", "read_adapter_config"),
-]
-
-
 class CaughtBlockingCalls(logging.Handler):
     """Blocking calls the app caught and logged instead of letting them fail a request."""
 
@@ -175,9 +168,6 @@ def detector() -> Iterator[BlockBuster]:
     detector.functions["multiprocessing.connection.wait"] = BlockBusterFunction(None, "multiprocessing.connection.wait")
     detector.functions["os.waitpid"] = BlockBusterFunction(
         None, "os.waitpid", can_block_predicate=lambda _pid, options: bool(options & os.WNOHANG))
-    for function in detector.functions.values():
-        for filename, name in PENDING_FIXES:
-            function.can_block_in(filename, name)
     detector.activate()
     try:
         yield detector

@@ -207,8 +207,11 @@ def test_restart_marks_an_orphaned_job_interrupted_and_queues_it_again(tmp_path:
     async def never_activated(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
         raise AssertionError("recovery publishes nothing")
 
+    async def no_change() -> None:
+        return None
+
     runner = JobRunner(Settings(data_dir=tmp_path), registry, AdapterStore(tmp_path / "adapters"), tmp_path,
-                       activate=never_activated, versions_changed=lambda: None)
+                       activate=never_activated, versions_changed=no_change)
     runner._recover_interrupted()
     again = registry.get_job(job.id)
     assert again is not None and again.status == "queued" and "interrupted" in (again.error or "")

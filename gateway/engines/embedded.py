@@ -205,7 +205,7 @@ class EmbeddedEngine:
     # -- adapters ------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        config = read_adapter_config(path, self.max_lora_rank)
+        config = await asyncio.to_thread(read_adapter_config, path, self.max_lora_rank)  # file reads: off the loop
         await self._call(lambda: self._lora_set().load(name, path, config))
 
     async def unload_adapter(self, name: str) -> None:

@@ -151,8 +151,8 @@ class VLLMEngine:
     # -- adapters ------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        read_adapter_config(path, self.settings.max_lora_rank)
-        self._wanted[name] = path.resolve()
+        await asyncio.to_thread(read_adapter_config, path, self.settings.max_lora_rank)  # file reads: off the loop
+        self._wanted[name] = await asyncio.to_thread(path.resolve)
         self._loaded.discard(name)
         try:
             await self._ensure_loaded(name)
