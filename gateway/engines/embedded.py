@@ -110,11 +110,13 @@ class EmbeddedEngine:
         self.max_batch_rows = max_batch_rows  # rows (choices) decoded in one pass; a larger request runs alone
         self._max_model_len_setting = max_model_len
         self._threads = threads
-        self._inbox: queue.Queue[_Job | _Op | None] = queue.Queue()
+        # No lock is ever taken on the event loop (a contended one would block it): the inbox is a SimpleQueue
+        # (its put never blocks), and each counter below has a single writer.
+        self._inbox: queue.SimpleQueue[_Job | _Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards _held and _closed against the worker
-        self._held = 0
-        self._closed = False
+        self._closed = False  # written on the event loop only
+        self._accepted = 0  # requests taken in, written on the event loop only
+        self._ended = 0  # requests ended, written by the worker only
         self._lora: LoraSet | None = None
         self._decode: DecodeLoop | None = None
         self._tokenizer: Any = None
@@ -136,6 +138,7 @@ class EmbeddedEngine:
 
     async def close(self) -> None:
         if self._thread is not None:
+            self._closed = True  # nothing enters the inbox after the end mark
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
@@ -155,7 +158,7 @@ class EmbeddedEngine:
     @property
     def requests_held(self) -> int:
         """Requests accepted and not yet ended (queued or decoding): what MAX_QUEUED_REQUESTS bounds."""
-        return self._held
+        return self._accepted - self._ended
 
     @property
     def rows_decoding(self) -> int:
@@ -196,10 +199,9 @@ class EmbeddedEngine:
         """Run `fn` on the worker thread between two decode steps and return its result."""
         loop = asyncio.get_running_loop()
         op = _Op(fn, loop, loop.create_future())
-        with self._lock:
-            if self._thread is None or self._closed:
-                raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
-            self._inbox.put(op)
+        if self._thread is None or self._closed:
+            raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
+        self._inbox.put(op)
         return await op.future
 
     # -- adapters ------------------------------------------------------------------------------
@@ -238,15 +240,14 @@ class EmbeddedEngine:
             job.cancelled.set()  # the worker drops it at its next step if it is still running
 
     def _enqueue(self, job: _Job) -> None:
-        with self._lock:
-            if self._closed:
-                raise EngineUnavailable("the embedded engine is shutting down", code="engine_unavailable")
-            if self._held >= self.max_queued_requests:
-                raise EngineOverloaded(
-                    f"the embedded engine is busy: it holds its maximum of {self.max_queued_requests} requests "
-                    f"(MAX_QUEUED_REQUESTS); retry in about {self._retry_after} s", retry_after=self._retry_after)
-            self._held += 1
-            self._inbox.put(job)
+        if self._closed:
+            raise EngineUnavailable("the embedded engine is shutting down", code="engine_unavailable")
+        if self.requests_held >= self.max_queued_requests:  # a stale count of ended requests only errs high
+            raise EngineOverloaded(
+                f"the embedded engine is busy: it holds its maximum of {self.max_queued_requests} requests "
+                f"(MAX_QUEUED_REQUESTS); retry in about {self._retry_after} s", retry_after=self._retry_after)
+        self._accepted += 1
+        self._inbox.put(job)
 
     # -- generation: the worker thread ---------------------------------------------------------
 
@@ -370,14 +371,11 @@ class EmbeddedEngine:
         if error is not None:
             job.emit(error)
         job.emit(None)
-        with self._lock:
-            self._held -= 1
+        self._ended += 1
 
     def _shut_down(self) -> None:
         """End everything still held with EngineUnavailable; ops still queued fail the same way."""
         error = EngineUnavailable("the embedded engine is shutting down", code="engine_unavailable")
-        with self._lock:
-            self._closed = True
         for item in self._take(block=False):
             if isinstance(item, _Op):
                 item.settle(error=error)
