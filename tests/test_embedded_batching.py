@@ -134,6 +134,23 @@ async def test_a_full_engine_answers_overloaded_with_a_retry_hint(engine: Embedd
 
 
 @IN_MODULE_LOOP
+async def test_a_request_waits_while_the_batch_would_outgrow_its_token_bound(engine: EmbeddedEngine) -> None:
+    engine.max_batch_tokens = LONG + 50  # room for one long request's padded rows, not two
+    try:
+        first, _ = await _started(engine, _request(PROMPTS[0], max_tokens=LONG, temperature=1.0, seed=2))
+        second = asyncio.create_task(_answer(engine, _request(PROMPTS[1], max_tokens=2)))
+        await _wait_for(lambda: engine.requests_held == 2)
+        for _ in range(50):  # many steps later, the short second request would long be done had it started
+            await anext(first)
+        assert engine.rows_decoding == 1 and not second.done()  # both would pad the cache past the bound
+        await first.aclose()  # type: ignore[attr-defined]
+        _, reasons, _ = await second
+        assert reasons == {0: "length"}
+    finally:
+        engine.max_batch_tokens = 65536
+
+
+@IN_MODULE_LOOP
 async def test_adapters_unloaded_or_reloaded_while_requests_run(engine: EmbeddedEngine, loras: list[Path]) -> None:
     await engine.load_adapter("gone@v1", loras[0])
     await engine.load_adapter("swapped@v1", loras[1])

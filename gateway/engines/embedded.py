@@ -100,14 +100,15 @@ class EmbeddedEngine:
 
     def __init__(self, model_dir: Path, *, max_lora_rank: int = 16, max_model_len: int | None = None,
                  default_max_tokens: int = 512, threads: int | None = None, max_queued_requests: int = 64,
-                 max_batch_rows: int = 32) -> None:
-        if max_queued_requests < 1 or max_batch_rows < 1:
-            raise ValueError("max_queued_requests and max_batch_rows must be at least 1")
+                 max_batch_rows: int = 32, max_batch_tokens: int = 65536) -> None:
+        if min(max_queued_requests, max_batch_rows, max_batch_tokens) < 1:
+            raise ValueError("max_queued_requests, max_batch_rows and max_batch_tokens must be at least 1")
         self.model_dir = model_dir
         self.max_lora_rank = max_lora_rank
         self.default_max_tokens = default_max_tokens
         self.max_queued_requests = max_queued_requests
         self.max_batch_rows = max_batch_rows  # rows (choices) decoded in one pass; a larger request runs alone
+        self.max_batch_tokens = max_batch_tokens  # KV bound: rows x padded length (SmolLM2: 46 kB a token)
         self._max_model_len_setting = max_model_len
         self._threads = threads
         # No lock is ever taken on the event loop (a contended one would block it): the inbox is a SimpleQueue
@@ -319,19 +320,26 @@ class EmbeddedEngine:
                 self._retire(job)
 
     def _admit(self) -> None:
-        """Start waiting requests, first come first served, while their choices fit in the batch."""
+        """Start waiting requests, first come first served, while their choices fit in the batch.
+
+        A request fits when the rows stay within `max_batch_rows` and the padded batch (rows times the longest
+        a row may grow: prompt plus max_tokens) within `max_batch_tokens`, which bounds the KV cache. A request
+        alone always fits.
+        """
         assert self._decode is not None
-        rows = len(self._decode.live)
+        live = self._decode.live
+        rows, longest = len(live), max((len(s.prompt_ids) + s.max_new for s in live), default=0)
         while self._waiting:
             job = self._waiting[0]
             n = job.request.params.n
-            if rows and rows + n > self.max_batch_rows:
+            length = max(longest, len(job.prompt_ids) + job.max_new)
+            if rows and (rows + n > self.max_batch_rows or (rows + n) * length > self.max_batch_tokens):
                 return
             self._waiting.popleft()
             job.sequences = self._decode.add(job.prompt_ids, job.request.params, job.max_new, adapter=job.adapter, n=n)
             self._owners.update((s, job) for s in job.sequences)
             self._running.append(job)
-            rows += n
+            rows, longest = rows + n, length
 
     def _step(self) -> None:
         assert self._decode is not None
