@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.engines.base import (
@@ -39,17 +39,34 @@ def test_stop_prefix_length_is_the_longest_end_that_starts_a_stop() -> None:
     assert stop_prefix_length("abc", ("abc",)) == 0  # a whole stop string is found, not held
 
 
+def _cut_at_first_stop(text: str, ends: list[int], stops: list[str]) -> str:
+    """What a generation streamed as pieces ending at `ends` answers: the text before the first stop string
+    found once a piece arrives (as vLLM checks after each token), or all of it."""
+    for end in ends:
+        found = [i for s in stops if (i := text[:end].find(s)) != -1]
+        if found:
+            return text[:min(found)]
+    return text
+
+
 @given(st.text(alphabet="ab\n", max_size=40), st.lists(st.integers(1, 6), max_size=40),
        st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=3))
+@example(text="aba", sizes=[2], stops=["b", "aba"])  # "b" arrives first: "aba" is never completed
 def test_streamed_text_is_the_answer_cut_at_the_first_stop(text: str, sizes: list[int], stops: list[str]) -> None:
-    holdback = StopStringHoldback(tuple(stops))
-    streamed, rest = "", text
+    pieces, rest = [], text
     for size in [*sizes, len(text)]:
         piece, rest = rest[:size], rest[size:]
+        pieces.append(piece)
+        if not rest:
+            break
+    ends = [sum(len(p) for p in pieces[:k + 1]) for k in range(len(pieces))]
+    final = _cut_at_first_stop(text, ends, stops)
+    holdback = StopStringHoldback(tuple(stops))
+    streamed = ""
+    for piece in pieces:
         streamed += holdback.add(piece)
-        final = text[:min((i for s in stops if (i := text.find(s)) != -1), default=len(text))]
         assert final.startswith(streamed)  # nothing streamed is ever taken back
-        if holdback.stopped or not rest:
+        if holdback.stopped:
             break
     if not holdback.stopped:
         streamed += holdback.flush()
