@@ -375,11 +375,12 @@ class EmbeddedEngine:
         self._end(job, error)
 
     def _end(self, job: _Job, error: BaseException | None = None) -> None:
-        """The request's last event (its error, if any, then the end) and its place given back."""
+        """The request's place given back, then its last event (its error, if any, then the end): a client that
+        saw its request end may send the next at once and find the place free."""
+        self._ended += 1
         if error is not None:
             job.emit(error)
         job.emit(None)
-        self._ended += 1
 
     def _shut_down(self) -> None:
         """End everything still held with EngineUnavailable; ops still queued fail the same way."""
