@@ -100,11 +100,37 @@ def test_a_wave1_database_is_stamped_and_upgraded_without_losing_rows(tmp_path: 
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
 
 
-def test_head_is_the_baseline_until_a_migration_is_added() -> None:
-    """The baseline is wave 1's schema, which already has the (prompt, version) unique constraint."""
-    assert head_revision() == BASELINE
+def test_the_revisions_form_one_line_from_the_baseline() -> None:
+    """Every migration follows exactly one other (no branches), starting at wave 1's schema, which already has
+    the (prompt, version) unique constraint."""
+    from alembic.script import ScriptDirectory
+
+    from gateway.registry.migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    assert len(script.get_heads()) == 1 and head_revision() != BASELINE
+    chain = [r.revision for r in script.walk_revisions()]
+    assert chain[-1] == BASELINE and chain[0] == head_revision()
     uniques = inspect_fresh_uniques()
     assert {"prompt_id", "version"} in [set(u["column_names"]) for u in uniques]
+
+
+def test_job_ids_are_never_reused_after_a_delete(tmp_path: Path) -> None:
+    """Wave 1's SQLite table gave a deleted last job's id to the next job; the migrated one never does."""
+    path = tmp_path / "wave1.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(WAVE1_SCHEMA + WAVE1_ROWS)
+    registry = PromptRegistry(f"sqlite:///{path}")
+    try:
+        first = registry.create_job("shell", {"rows": 1})
+        assert first.id == 2  # after wave 1's job 1, whose row the migration kept
+        registry.delete("shell")
+        registry.create("shell", "chat", [{"role": "user", "content": "Q: {query}"}], [])
+        again = registry.create_job("shell", {"rows": 1})
+        assert again.id == 3 and again.created.tzinfo is not None
+        assert registry.get("shell").jobs[0].created.utcoffset() is not None  # read back aware, as written
+    finally:
+        registry.close()
 
 
 def inspect_fresh_uniques() -> list[Any]:

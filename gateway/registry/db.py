@@ -1,17 +1,37 @@
-"""Tables of the registry: prompts, their adapter versions, training jobs, the job-runner lease."""
+"""Tables of the registry: prompts, their adapter versions, training jobs (each under its own fenced lease), the
+job-runner lease, and the change log through which every replica follows every other's writes."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.engine import Engine as SQLEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC when read: SQLite keeps no zone, so without this a row
+    read back would be naive (and serialised without its `Z`) while the same row just written is aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the registry: use an aware UTC time (utcnow())")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -23,10 +43,11 @@ class PromptRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: every tenant's
     kind: Mapped[str] = mapped_column(String(16))
     template: Mapped[Any] = mapped_column(JSON)
     examples: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     versions: Mapped[list[AdapterVersionRow]] = relationship(
         back_populates="prompt", cascade="all, delete-orphan", order_by="AdapterVersionRow.version",
         passive_deletes=True,
@@ -48,12 +69,14 @@ class AdapterVersionRow(Base):
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     prompt: Mapped[PromptRow] = relationship(back_populates="versions")
 
 
 class TrainJobRow(Base):
     __tablename__ = "train_jobs"
+    # AUTOINCREMENT: a deleted job's id is never given to a new one.
+    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
@@ -63,9 +86,14 @@ class TrainJobRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The job's fenced lease: the runner holding `lease_token` may write its progress and publish its version;
+    # one whose compare-and-set on the token fails has lost the job and stops. Expired: another may take it.
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     prompt: Mapped[PromptRow] = relationship(back_populates="jobs")
 
 
@@ -76,7 +104,28 @@ class RunnerLeaseRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RegistryStateRow(Base):
+    """One row: the registry's revision, raised by every write that changes what replicas serve. Writers
+    take this row's lock first, so revisions are committed in order and the change log has no gaps."""
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+
+
+class RegistryChangeRow(Base):
+    """The change log: at `revision`, prompt `prompt` changed (registered, versions, settings, deleted).
+    Replicas read the rows above the revision they last applied and reload those prompts."""
+
+    __tablename__ = "registry_changes"
+
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    prompt: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 def enable_sqlite_foreign_keys(engine: SQLEngine) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -23,6 +23,8 @@ from core.errors import ConflictError, InvalidInput, NotFoundError
 from gateway.registry.db import (
     AdapterVersionRow,
     PromptRow,
+    RegistryChangeRow,
+    RegistryStateRow,
     RunnerLeaseRow,
     TrainJobRow,
     enable_sqlite_foreign_keys,
@@ -34,6 +36,8 @@ PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 VERSION_STATUSES = ("training", "loading", "ready", "failed")
 JOB_ACTIVE = ("queued", "running")
 VERSION_ATTEMPTS = 100  # each failed attempt means another writer took a number: progress, not a stall
+CHANGE_LOG_KEEP = timedelta(days=1)  # a replica further behind than this reloads every prompt
+CHANGE_LOG_PRUNE_EVERY = 500  # revisions between two prunings of the change log
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,15 @@ class PromptRecord:
         return active.status if active else "registered"
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What changed in the registry after a revision: the prompts to reload, or `None` when the change log no
+    longer reaches back that far (then every prompt is reloaded)."""
+
+    revision: int
+    prompts: frozenset[str] | None
+
+
 def _version(row: AdapterVersionRow) -> VersionRecord:
     return VersionRecord(row.version, row.status, row.source, row.path, row.manifest, row.error, row.created_at)
 
@@ -127,6 +140,46 @@ class PromptRegistry:
         with self._session() as s:
             s.execute(select(1))
 
+    # -- the change log: how every replica follows every other's writes -----------------------------
+
+    @staticmethod
+    def _changed(s: Session, name: str) -> None:
+        """Log, in the writer's transaction, that `name` changed. Raising the one revision row locks it until
+        the commit, so revisions are committed in the order they were given and readers never miss one."""
+        revision = s.execute(
+            update(RegistryStateRow).where(RegistryStateRow.id == 1)
+            .values(revision=RegistryStateRow.revision + 1).returning(RegistryStateRow.revision)
+        ).scalar_one()
+        now = utcnow()
+        s.add(RegistryChangeRow(revision=revision, prompt=name, changed_at=now))
+        if revision % CHANGE_LOG_PRUNE_EVERY == 0:
+            s.execute(delete(RegistryChangeRow).where(RegistryChangeRow.changed_at < now - CHANGE_LOG_KEEP))
+
+    def revision(self) -> int:
+        """The registry's current revision (one cheap read: what a replica polls)."""
+        with self._session() as s:
+            return int(s.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0)
+
+    def changes_since(self, revision: int) -> Changes:
+        """The prompts changed after `revision`, and the revision that brings the reader up to date."""
+        with self._session() as s:
+            current = int(s.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0)
+            if current <= revision:
+                return Changes(current, frozenset())
+            rows = s.execute(
+                select(RegistryChangeRow.revision, RegistryChangeRow.prompt)
+                .where(RegistryChangeRow.revision > revision, RegistryChangeRow.revision <= current)
+            ).all()
+            if len(rows) < current - revision:  # pruned away: the reader is too far behind for the log
+                return Changes(current, None)
+            return Changes(current, frozenset(name for _, name in rows))
+
+    def mark_changed(self, name: str) -> None:
+        """Log a change of `name` that is not a row of its own here (for instance: its adapter files changed)."""
+        with self._session() as s:
+            self._changed(s, name)
+            s.commit()
+
     def _load(self, s: Session, name: str) -> PromptRow:
         row = s.scalars(
             select(PromptRow).where(PromptRow.name == name)
@@ -150,6 +203,8 @@ class PromptRegistry:
             row = PromptRow(name=name, kind=kind, template=template, examples=examples, created_at=utcnow())
             s.add(row)
             try:
+                s.flush()  # a name taken shows here, before the change is logged
+                self._changed(s, name)
                 s.commit()
             except IntegrityError as exc:
                 raise ConflictError(f"prompt '{name}' already exists", param="name", code="prompt_exists") from exc
@@ -172,6 +227,7 @@ class PromptRegistry:
             row = self._load(s, name)
             record = _prompt(row)
             s.delete(row)
+            self._changed(s, name)
             s.commit()
             return record
 
@@ -196,6 +252,8 @@ class PromptRegistry:
                 s.add(AdapterVersionRow(prompt_id=prompt_id, version=number, status=status, source=source,
                                         created_at=utcnow()))
                 try:
+                    s.flush()
+                    self._changed(s, name)
                     s.commit()
                 except IntegrityError:
                     s.rollback()  # taken meanwhile (or the prompt deleted: the next look-up says so)
@@ -223,6 +281,7 @@ class PromptRegistry:
                 raise NotFoundError(f"prompt '{name}' has no version {version}", code="version_not_found")
             for key, value in changes.items():
                 setattr(match, key, value)
+            self._changed(s, name)
             s.commit()
 
     def adapter_counts(self) -> dict[str, int]:
