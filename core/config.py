@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         256_000_000, ge=1024, description="Largest adapter upload (multipart POST /v1/prompts/{name}/adapters) and "
                                           "largest file read from IMPORT_DIR.")
     warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")
+    metrics_max_prompts: int = Field(
+        500, ge=0, description="Prompts with `/metrics` series of their own (the first registered or counted); the "
+                               "rest are counted under prompt=\"other\".")
 
     @field_validator("model_aliases", "api_keys", "lora_targets", mode="before")
     @classmethod

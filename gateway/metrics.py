@@ -1,4 +1,11 @@
-"""Every Prometheus metric the gateway exports, defined in one place (base units, bounded labels)."""
+"""Every Prometheus metric the gateway exports, defined in one place (base units, bounded labels).
+
+The `prompt` label is bounded too: the first `max_prompts` prompts seen (registered, or first
+counted) get series of their own, every later one is counted under `prompt="other"`, so a registry
+of 100,000 prompts cannot grow `/metrics` (and Prometheus) without bound. A prompt keeps its series
+for the life of the process; `none` (no prompt matched) and `other` are always there, at 0 from the
+start, and take no place.
+"""
 
 from __future__ import annotations
 
@@ -11,40 +18,77 @@ DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5
 ADAPTER_STATUSES = ("training", "loading", "ready", "failed")
 ROUTES = ("adapter", "fallback", "passthrough")
 NO_PROMPT = "none"
+OTHER_PROMPT = "other"
+DEFAULT_MAX_PROMPTS = 500
+
+
+class PromptLabels:
+    """The `prompt` label value of each prompt name: its own while places remain, then `other`."""
+
+    def __init__(self, max_prompts: int) -> None:
+        if max_prompts < 0:
+            raise ValueError(f"max_prompts must be at least 0, got {max_prompts}")
+        self.max_prompts = max_prompts
+        self._own: set[str] = set()
+
+    def __call__(self, prompt: str) -> str:
+        if prompt in self._own or prompt in (NO_PROMPT, OTHER_PROMPT):
+            return prompt
+        if len(self._own) < self.max_prompts:
+            self._own.add(prompt)
+            return prompt
+        return OTHER_PROMPT
+
+    def __len__(self) -> int:
+        """Prompts with series of their own (`none` and `other` not counted)."""
+        return len(self._own)
+
+
+class PerPromptCounter:
+    """A counter with a `prompt` label whose values go through `PromptLabels`, so no caller can pass the cap."""
+
+    def __init__(self, counter: Counter, labels: PromptLabels) -> None:
+        self.counter = counter
+        self._labels = labels
+
+    def labels(self, prompt: str, **others: str) -> Counter:
+        return self.counter.labels(prompt=self._labels(prompt), **others)
 
 
 class GatewayMetrics:
     """The gateway's metrics on their own registry, so every app (and test) has a clean set."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS) -> None:
         self.registry = registry or CollectorRegistry()
+        self.prompt_labels = PromptLabels(max_prompts)
         r = self.registry
-        self.requests = Counter(
+        per_prompt = self.prompt_labels
+        self.requests = PerPromptCounter(Counter(
             "promptintern_requests", "Requests answered, by matched prompt and route",
             ["prompt", "route"], registry=r,
-        )
+        ), per_prompt)
         self.request_errors = Counter(
             "promptintern_request_errors", "Requests that ended in an error, by route and HTTP status",
             ["route", "code"], registry=r,
         )
-        self.original_prompt_tokens = Counter(
+        self.original_prompt_tokens = PerPromptCounter(Counter(
             "promptintern_original_prompt_tokens", "Prompt tokens the apps sent (before stripping)",
             ["prompt"], registry=r,
-        )
-        self.sent_prompt_tokens = Counter(
+        ), per_prompt)
+        self.sent_prompt_tokens = PerPromptCounter(Counter(
             "promptintern_sent_prompt_tokens", "Prompt tokens the model processed", ["prompt"], registry=r,
-        )
-        self.saved_prompt_tokens = Counter(
+        ), per_prompt)
+        self.saved_prompt_tokens = PerPromptCounter(Counter(
             "promptintern_saved_prompt_tokens", "Prompt tokens removed by routing to an adapter",
             ["prompt"], registry=r,
-        )
-        self.saved_cost = Counter(
+        ), per_prompt)
+        self.saved_cost = PerPromptCounter(Counter(
             "promptintern_saved_cost_usd", "Input cost saved at the configured price (USD)",
             ["prompt"], registry=r,
-        )
-        self.completion_tokens = Counter(
+        ), per_prompt)
+        self.completion_tokens = PerPromptCounter(Counter(
             "promptintern_completion_tokens", "Completion tokens generated", ["prompt"], registry=r,
-        )
+        ), per_prompt)
         self.request_duration = Histogram(
             "promptintern_request_duration_seconds", "Time from request to last byte, by route",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
@@ -63,9 +107,13 @@ class GatewayMetrics:
         for status in ADAPTER_STATUSES:
             self.adapters.labels(status=status).set(0)
         self.track_prompt(NO_PROMPT)
+        self.track_prompt(OTHER_PROMPT)
 
     def track_prompt(self, prompt: str) -> None:
-        """Export a registered prompt's series at 0 right away, so `rate()` sees them start from zero."""
+        """Export a registered prompt's series at 0 right away, so `rate()` sees them start from zero (a prompt
+        past the cap is counted under `other`, already there)."""
+        if self.prompt_labels(prompt) != prompt:
+            return
         for route in ROUTES:
             self.requests.labels(prompt=prompt, route=route)
         for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,

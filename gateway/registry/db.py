@@ -4,7 +4,7 @@ job-runner lease, and the change log through which every replica follows every o
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, event
 from sqlalchemy.engine import Dialect
@@ -76,7 +76,7 @@ class AdapterVersionRow(Base):
 class TrainJobRow(Base):
     __tablename__ = "train_jobs"
     # AUTOINCREMENT: a deleted job's id is never given to a new one.
-    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_autoincrement": True}
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
