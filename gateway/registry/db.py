@@ -3,13 +3,53 @@ job-runner lease, and the change log through which every replica follows every o
 
 from __future__ import annotations
 
+import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, event
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.engine import Engine as SQLEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+log = logging.getLogger(__name__)
+
+# The PostgreSQL driver the gateway installs (psycopg 3). Providers hand out `postgres://` and
+# `postgresql://` URLs, which SQLAlchemy would give to psycopg2 (not installed) or reject.
+POSTGRES_DRIVER = "postgresql+psycopg"
+POSTGRES_SCHEMES = ("postgres", "postgresql")
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # made by SQLite beside the database, with its mode
+OWNER_ONLY = 0o600
+
+
+def database_url(url: str) -> URL:
+    """The SQLAlchemy URL to open: `postgres://` and `postgresql://` mean psycopg 3."""
+    parsed = make_url(url)
+    if parsed.drivername in POSTGRES_SCHEMES:
+        parsed = parsed.set(drivername=POSTGRES_DRIVER)
+    return parsed
+
+
+def prepare_sqlite_file(url: URL) -> None:
+    """Make a SQLite database's folder, and the file itself readable by its owner only (0600) before SQLite
+    opens it: SQLite gives its -wal and -shm files the database file's mode. A file made earlier with a wider
+    mode is narrowed, with the side files it has."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, OWNER_ONLY))  # an existing file keeps its mode here
+    for file in (path, *(path.with_name(path.name + side) for side in SQLITE_SIDE_FILES)):
+        try:
+            if file.stat().st_mode & 0o077:
+                file.chmod(OWNER_ONLY)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            log.warning("%s is readable by others and not ours to narrow to 0600", file)
 
 
 def utcnow() -> datetime:

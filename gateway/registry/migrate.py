@@ -57,7 +57,7 @@ def current_revision(connection: Connection) -> str | None:
 def upgrade_to_head(engine: Engine) -> Migration:
     """Stamp a wave-1 database, then apply every migration it lacks, in one locked transaction."""
     head = head_revision()
-    with _locked_transaction(engine) as connection:
+    with migration_lock(engine) as connection:
         before = current_revision(connection)
         if before == head:
             return Migration(before, False, before)  # the common start: nothing to do
@@ -73,7 +73,7 @@ def upgrade_to_head(engine: Engine) -> Migration:
 
 
 @contextmanager
-def _locked_transaction(engine: Engine) -> Iterator[Connection]:
+def migration_lock(engine: Engine) -> Iterator[Connection]:
     """A transaction that no other process's migration runs beside (SQLite: a file lock; PostgreSQL: an
     advisory lock released with the transaction, so a crashed replica cannot leave it held)."""
     dialect = engine.dialect.name
@@ -91,4 +91,4 @@ def sqlite_migration_lock(engine: Engine) -> FileLock | nullcontext[None]:
     if not database or database == ":memory:":
         return nullcontext()  # a private in-memory database: no other process can see it
     path = Path(database)
-    return FileLock(path.with_name(f"{path.name}.migrate.lock"), timeout=LOCK_TIMEOUT_S)
+    return FileLock(path.with_name(f"{path.name}.migrate.lock"), timeout=LOCK_TIMEOUT_S, mode=0o600)

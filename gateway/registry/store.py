@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, delete, func, select, update
@@ -27,7 +26,9 @@ from gateway.registry.db import (
     RegistryStateRow,
     RunnerLeaseRow,
     TrainJobRow,
+    database_url,
     enable_sqlite_foreign_keys,
+    prepare_sqlite_file,
     utcnow,
 )
 from gateway.registry.migrate import Migration, upgrade_to_head
@@ -126,9 +127,9 @@ class PromptRegistry:
     """
 
     def __init__(self, url: str) -> None:
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True)
+        parsed = database_url(url)  # SQLite (a file, made 0600 here) or PostgreSQL (psycopg 3)
+        prepare_sqlite_file(parsed)
+        self.engine = create_engine(parsed, pool_pre_ping=True)
         enable_sqlite_foreign_keys(self.engine)
         self.migration: Migration = upgrade_to_head(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)

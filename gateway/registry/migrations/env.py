@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from gateway.registry.db import Base
+from gateway.registry.db import Base, database_url
 
 
 def run_migrations(connection: Connection) -> None:
@@ -25,7 +25,7 @@ if given is not None:
 else:
     from core.config import Settings
 
-    engine = create_engine(Settings().resolved_database_url)
+    engine = create_engine(database_url(Settings().resolved_database_url))
     try:
         with engine.begin() as connection:
             run_migrations(connection)

@@ -4,6 +4,8 @@ training job's fenced lease, and job ids that are never reused (SQLite AUTOINCRE
 
 from __future__ import annotations
 
+from typing import Literal
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -32,9 +34,10 @@ def upgrade() -> None:
     with op.batch_alter_table("prompts") as batch:
         batch.add_column(sa.Column("tenant", sa.String(length=64), nullable=True))
         batch.create_index("ix_prompts_tenant", ["tenant"])
-    # SQLite can only turn AUTOINCREMENT on by recreating the table (batch mode copies the rows across);
-    # on PostgreSQL the id's sequence never gives a number twice already.
-    with op.batch_alter_table("train_jobs", recreate="always",
+    # SQLite can only turn AUTOINCREMENT on by recreating the table (batch mode copies the rows across).
+    # PostgreSQL's id sequence never gives a number twice already, and it must not be recreated there: the
+    # copy would get a new sequence starting at 1 beside the copied ids. Plain ADD COLUMNs instead.
+    with op.batch_alter_table("train_jobs", recreate=_recreate_on_sqlite(),
                               table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.add_column(sa.Column("lease_owner", sa.String(length=128), nullable=True))
         batch.add_column(sa.Column("lease_token", sa.String(length=64), nullable=True))
@@ -42,7 +45,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("train_jobs", recreate="always") as batch:
+    with op.batch_alter_table("train_jobs", recreate=_recreate_on_sqlite()) as batch:
         batch.drop_column("lease_expires_at")
         batch.drop_column("lease_token")
         batch.drop_column("lease_owner")
@@ -52,3 +55,7 @@ def downgrade() -> None:
     op.drop_index("ix_registry_changes_changed_at", table_name="registry_changes")
     op.drop_table("registry_changes")
     op.drop_table("registry_state")
+
+
+def _recreate_on_sqlite() -> Literal["always", "auto"]:
+    return "always" if op.get_bind().dialect.name == "sqlite" else "auto"
