@@ -71,12 +71,24 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(
         None, ge=1, description="Threads of a training job's process; leave cores to the engine on a shared machine."
     )
+    train_in_gateway: bool = Field(
+        True, description="A gateway replica runs queued training jobs itself (one at a time); false where dedicated "
+                          "`promptintern worker` processes train.")
+    job_lease_seconds: float = Field(
+        30.0, gt=0, le=3600, description="A training job's lease: renewed while its runner lives; once it has run out, "
+                                         "another runner takes the job over.")
     max_template_chars: int = Field(200_000, ge=1, description="Largest template accepted.")
     max_request_bytes: int = Field(8_000_000, ge=1024, description="Largest request body accepted.")
     max_upload_bytes: int = Field(
         256_000_000, ge=1024, description="Largest adapter upload (multipart POST /v1/prompts/{name}/adapters) and "
                                           "largest file read from IMPORT_DIR.")
     warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")
+    registry_poll_seconds: float = Field(
+        0.5, gt=0, le=60, description="How often a replica reads the registry's change log, to follow the changes "
+                                      "other replicas make (registrations, versions, deletes).")
+    adapter_drain_seconds: float = Field(
+        30.0, ge=0, le=3600, description="On a version switch, how long the old version's in-flight requests may run "
+                                         "before it is unloaded.")
     metrics_max_prompts: int = Field(
         500, ge=0, description="Prompts with `/metrics` series of their own (the first registered or counted); the "
                                "rest are counted under prompt=\"other\".")

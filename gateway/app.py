@@ -26,6 +26,7 @@ from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway import __version__
 from gateway.engines.base import Engine
+from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
@@ -33,6 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Planner
 from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
+from gateway.prompts.follower import RegistryFollower
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
 from gateway.registry.store import PromptRegistry
@@ -220,7 +222,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
         runner = JobRunner(settings, registry, store, model_dir, activate=activate_trained,
                            versions_changed=lambda: prompts.refresh_gauge())
-        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner)
+        in_flight = AdapterUse()
+        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight)
+        follower = RegistryFollower(registry, prompts.follow, settings.registry_poll_seconds)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.registry = registry
@@ -228,15 +232,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.prompts = prompts
         app.state.jobs = runner
         app.state.planner = Planner(settings, prompts, counter, metrics)
-        app.state.inference = InferenceService(settings, the_engine, metrics)
+        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight)
+        app.state.follower = follower
         app.state.started_at = int(time.time())
+        await follower.mark_synced()
         await prompts.sync()
+        await follower.start()
         await runner.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
+            await follower.close()
             await runner.close()
+            await prompts.close()
             await the_engine.close()
             await asyncio.to_thread(registry.close)
 

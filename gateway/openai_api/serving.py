@@ -18,6 +18,7 @@ from fastapi.sse import format_sse_event
 
 from core.config import Settings
 from gateway.engines.base import AdapterNotLoaded, Engine, EngineError, EngineEvent, TextDelta, ToolCallDelta, Usage
+from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, InternalError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
@@ -66,10 +67,14 @@ async def unless_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
 class InferenceService:
     """Runs plans on the engine and keeps the per-prompt accounts; owns no state besides its collaborators."""
 
-    def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self.in_flight = in_flight  # a version switch waits for the old adapter's requests to end
+
+    def _generate(self, plan: Plan) -> AsyncIterator[EngineEvent]:
+        return self.in_flight.track(plan.request.adapter, self.engine.generate(plan.request))
 
     async def open_stream(self, plan: Plan, started: float, include_usage: bool,
                           gone: Awaitable[None]) -> tuple[Plan, StreamedAnswer]:
@@ -93,7 +98,7 @@ class InferenceService:
 
         An adapter that fails before answering sends this request down the fallback route.
         """
-        stream = self.engine.generate(plan.request)
+        stream = self._generate(plan)
         try:
             first = await anext(stream, None)
         except (AdapterNotLoaded, EngineError) as exc:
@@ -102,7 +107,7 @@ class InferenceService:
             log.warning("adapter %s failed (%s); answering %s with the full prompt", plan.request.adapter,
                         exc.message, plan.prompt)
             plan = plan.as_fallback()
-            stream = self.engine.generate(plan.request)
+            stream = self._generate(plan)
             first = await anext(stream, None)
         return plan, stream, first
 

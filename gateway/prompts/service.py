@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,6 +17,7 @@ from core.config import Settings
 from core.errors import DomainError, InvalidInput, NotFoundError
 from core.templates import PromptTemplate, TemplateError, parse_template
 from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, EngineUnavailable, SamplingParams
+from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, Unprocessable
 from gateway.jobs import TrainingJobs, prepare_train_spec
 from gateway.matcher import Matcher
@@ -28,11 +30,13 @@ from gateway.prompts.imports import (
     stage_adapter,
 )
 from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
+from gateway.registry.db import utcnow
 from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, VersionRecord, check_prompt_name
 from gateway.tokens import TokenCounter
 from trainer.jobspec import TrainData
 
 log = logging.getLogger(__name__)
+LOADING_STALE_AFTER = timedelta(minutes=15)  # a version `loading` this long lost its loader (another replica's too)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class PromptService:
     """Owns the routing table; every change goes registry first, then engine, then routing."""
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, engine: Engine,
-                 matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics, jobs: TrainingJobs) -> None:
+                 matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics, jobs: TrainingJobs,
+                 in_flight: AdapterUse) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -117,6 +122,8 @@ class PromptService:
         self._lock = asyncio.Lock()
         self._gauge_lock = asyncio.Lock()
         self.jobs = jobs
+        self.in_flight = in_flight
+        self._retiring: set[asyncio.Task[None]] = set()  # old versions draining before their unload
 
     # -- routing table -------------------------------------------------------------------------
 
@@ -158,7 +165,8 @@ class PromptService:
             log.warning("removed a half-written adapter folder: %s", path)
         for record in await asyncio.to_thread(self.registry.all):
             for version in record.versions:
-                if version.status == "loading":
+                # Another replica may be loading a version right now: only one left loading for long was abandoned.
+                if version.status == "loading" and utcnow() - version.created > LOADING_STALE_AFTER:
                     await asyncio.to_thread(self.registry.update_version, record.name, version.version,
                                             status="failed", error="interrupted: the gateway stopped while loading")
             template = template_from_record(record)
@@ -166,6 +174,70 @@ class PromptService:
             self._publish(RoutablePrompt(record.name, template, static, None), record.name)
             await self._activate_newest(record.name)
         await self.refresh_gauge()
+
+    async def close(self) -> None:
+        """Stop draining old versions (the engine closes next anyway)."""
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # -- following the other replicas ----------------------------------------------------------
+
+    async def follow(self, names: frozenset[str] | None) -> None:
+        """Make routing and engine match the registry for prompts another replica (or this one) changed;
+        `None`: for every prompt. A local change is found already applied, so this does nothing for it."""
+        if names is None:
+            records = await asyncio.to_thread(self.registry.all)
+            names = frozenset({r.name for r in records} | set(self._routes))
+        for name in sorted(names):
+            try:
+                async with self._lock:
+                    await self._follow_one(name)
+            except Exception:  # one prompt's trouble must not stop the others from being followed
+                log.exception("could not follow the registry's change of prompt %s", name)
+        await self.refresh_gauge()
+
+    async def _follow_one(self, name: str) -> None:
+        try:
+            record = await asyncio.to_thread(self.registry.get, name)
+        except NotFoundError:
+            entry = self._routes.get(name)
+            if entry is not None:
+                log.info("prompt %s was deleted through another replica: no longer routed", name)
+                self._publish(None, name)
+                await self.jobs.cancel(name)
+                for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
+                    self._retire(model_id)
+            return
+        entry = self._routes.get(name)
+        template = template_from_record(record)
+        if entry is None or entry.template.digest() != template.digest():
+            static = await asyncio.to_thread(self.counter.static_tokens, template)
+            self._publish(RoutablePrompt(name, template, static, entry.adapter if entry else None,
+                                         entry.bare if entry else True), name)
+        current = self._routes[name].adapter
+        ready = [v for v in record.versions if v.status == "ready"]
+        if current is not None and ready and adapter_model_id(name, ready[-1].version) == current:
+            return  # already serving the newest ready version
+        for version in reversed(ready):
+            model_id = adapter_model_id(name, version.version)
+            if model_id == current:
+                return  # a newer one did not load here: stay on this one
+            try:
+                await self._load_and_warm(model_id, Path(version.path or ""))
+            except EngineUnavailable as exc:
+                log.warning("engine unavailable (%s); %s will be loaded when it is back", exc.message, model_id)
+            except APIError as exc:
+                # Loaded elsewhere, not here (a file not yet visible on this replica?): try an older one.
+                log.error("adapter %s (ready in the registry) does not load on this replica: %s", model_id,
+                          exc.message)
+                continue
+            log.info("following the registry: %s now answers %s", model_id, name)
+            await self._replace_active(name, model_id, takes_bare_query(version.manifest))
+            return
+        if current is not None:  # no ready version any more (rolled back to none, all failed)
+            self._set_adapter(name, None)
+            self._retire(current)
 
     async def _activate_newest(self, name: str) -> None:
         """Load the newest ready version that still loads; mark those that no longer do as failed."""
@@ -346,12 +418,31 @@ class PromptService:
         return version
 
     async def _replace_active(self, name: str, model_id: str, bare: bool) -> None:
-        """Route to the new version first, then unload the old one: no window without an adapter."""
+        """Route to the new version first, then unload the old one once its requests have drained: no window
+        without an adapter, and no request cut off."""
         entry = self._routes.get(name)
         previous = entry.adapter if entry else None
         self._set_adapter(name, model_id, bare)
         if previous and previous != model_id:
-            await self.engine.unload_adapter(previous)
+            self._retire(previous)
+
+    def _retire(self, model_id: str) -> None:
+        """Unload an adapter no longer routed to, in the background, after its in-flight requests end (at most
+        ADAPTER_DRAIN_SECONDS); not if it is routed to again by then."""
+        task = asyncio.create_task(self._drain_and_unload(model_id), name=f"retire {model_id}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _drain_and_unload(self, model_id: str) -> None:
+        if not await self.in_flight.drain(model_id, self.settings.adapter_drain_seconds):
+            log.warning("%s still had %d request(s) in flight after %.0f s; unloading it anyway", model_id,
+                        self.in_flight.count(model_id), self.settings.adapter_drain_seconds)
+        if model_id in self._by_adapter:
+            return  # routed to again meanwhile (a rollback)
+        try:
+            await self.engine.unload_adapter(model_id)
+        except Exception:
+            log.exception("unloading %s failed", model_id)
 
     async def delete(self, name: str) -> None:
         async with self._lock:
