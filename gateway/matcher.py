@@ -8,11 +8,11 @@ up the candidates, and checks only those, best candidate first. A candidate foun
 already equals the request in every message without slots (the look-up compared them), so only its
 messages with slots are read with `MessageTemplate.match`.
 
-Adding or removing a template touches only its own bucket, so it costs the same whether ten or a
-hundred thousand are registered. Changes are made in place, under a lock that only writers take;
-every value a reader looks up (a bucket, the shapes of a group) is an immutable tuple replaced in
-one assignment, so a reader sees a template either wholly filed or not at all. A replacement files
-the new template before it takes the old one out: a request never finds neither.
+Readers take one immutable generation of the index and never lock; writers build the next one and
+swap it in. Buckets are spread by hash over 64 x 64 small dicts, and a change copies only the leaf it
+touches and the two 64-slot tuples leading to it, so adding or removing a template costs the same
+whether ten or a hundred thousand are registered (copying the whole index made registering n
+templates cost n squared). `add_many` builds one generation for a whole batch (start-up).
 """
 
 from __future__ import annotations
@@ -73,10 +73,9 @@ class _Shape:
             key.append(text[max(0, len(text) - tail) :] if tail else "")
         return tuple(key)
 
-    def template_key(self, template: PromptTemplate) -> Key:
-        """The key of every request that fills `template` in: the same one `request_key` reads from them."""
-        messages = template.messages
-        key: list[object] = [self.exact([m.static_text for m in messages])]
+    def template_key(self, messages: Sequence[MessageTemplate], static_texts: Sequence[str]) -> Key:
+        """The key of every request that fills these messages in: the same one `request_key` reads from them."""
+        key: list[object] = [self.exact(static_texts)]
         for i, head, tail in self.anchored:
             suffix = messages[i].static_suffix
             key.append(messages[i].static_prefix[:head])
@@ -151,41 +150,109 @@ def _cut(n: int) -> int:
     return 0 if n == 0 else min(1 << (n.bit_length() - 1), ANCHOR_CHARS)
 
 
-def _message_cuts(message: MessageTemplate) -> tuple[int, int]:
-    if message.is_static:
+def _message_cuts(message: MessageTemplate, is_static: bool) -> tuple[int, int]:
+    if is_static:
         return (EXACT, EXACT)
     return (_cut(len(message.static_prefix)), _cut(len(message.static_suffix)))
 
 
+BucketKey = tuple[_Shape, Key]
+Leaf = dict[BucketKey, tuple[_Entry, ...]]  # each bucket best first
+
+FANOUT_BITS = 6
+FANOUT = 1 << FANOUT_BITS
+_MASK = FANOUT - 1
+_EMPTY_TABLE: tuple[tuple[Leaf, ...], ...] = tuple(tuple({} for _ in range(FANOUT)) for _ in range(FANOUT))
+
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """One immutable generation of the index, so readers never see a half-applied change.
+
+    Buckets are spread by hash over FANOUT x FANOUT small dicts (`table[row][leaf]`): a change copies
+    the two tuples on its path and the one leaf it touches, not the whole index.
+    """
+
+    table: tuple[tuple[Leaf, ...], ...]
+    shapes: dict[Group, tuple[_Shape, ...]]  # the shapes with at least one template, per group
+
+
+def _place(key: BucketKey) -> tuple[int, int]:
+    h = hash(key)
+    return h & _MASK, (h >> FANOUT_BITS) & _MASK
+
+
+class _Draft:
+    """The next generation, built from the current one by copying only what a change touches (once per batch)."""
+
+    def __init__(self, index: _Index) -> None:
+        self._index = index
+        self._rows: dict[int, list[Leaf]] = {}
+        self._copied: set[tuple[int, int]] = set()
+        self.shapes = index.shapes
+        self._shapes_copied = False
+
+    def leaf(self, key: BucketKey) -> Leaf:
+        """The writable leaf that holds `key`'s bucket."""
+        row, leaf = _place(key)
+        if row not in self._rows:
+            self._rows[row] = list(self._index.table[row])
+        if (row, leaf) not in self._copied:
+            self._rows[row][leaf] = dict(self._rows[row][leaf])
+            self._copied.add((row, leaf))
+        return self._rows[row][leaf]
+
+    def set_shapes(self, group: Group, shapes: tuple[_Shape, ...]) -> None:
+        if not self._shapes_copied:
+            self.shapes, self._shapes_copied = dict(self.shapes), True
+        if shapes:
+            self.shapes[group] = shapes
+        else:
+            del self.shapes[group]
+
+    def build(self) -> _Index:
+        if not self._rows and not self._shapes_copied:
+            return self._index
+        table = list(self._index.table)
+        for row, leaves in self._rows.items():
+            table[row] = tuple(leaves)
+        return _Index(tuple(table), self.shapes)
+
+
 class Matcher:
-    """Index of registered templates: detection cost grows with the request's length and adding a template
-    costs the same, whatever the number registered."""
+    """Index of registered templates: detection cost grows with the request's length, and adding or removing a
+    template costs the same, whatever the number registered."""
 
     def __init__(self) -> None:
+        self._index = _Index(_EMPTY_TABLE, {})
+        # The writers' own books, under the lock: readers use only `_index`.
         self._entries: dict[str, _Entry] = {}
-        self._buckets: dict[tuple[_Shape, Key], tuple[_Entry, ...]] = {}  # best first
-        self._shapes: dict[Group, tuple[_Shape, ...]] = {}  # shapes with at least one template
         self._shape_of: dict[tuple[Group, Cuts], _Shape] = {}  # one object per shape in use (hashed by identity)
-        self._filed: dict[tuple[Group, _Shape], int] = {}  # templates per shape in use
+        self._filed: dict[_Shape, int] = {}  # templates per shape in use
         self._write_lock = threading.Lock()
 
     def add(self, name: str, template: PromptTemplate) -> None:
-        """Register (or replace) `name`."""
-        with self._write_lock:
-            self._add(name, template)
+        """Register (or replace) `name`; readers switch to the new index in one reference swap."""
+        self.add_many([(name, template)])
 
     def add_many(self, templates: Iterable[tuple[str, PromptTemplate]]) -> None:
-        """Register (or replace) each `(name, template)`: a bulk load (start-up) takes the lock once."""
+        """Register (or replace) each `(name, template)` in one new generation (a bulk load: start-up)."""
         with self._write_lock:
-            for name, template in templates:
-                self._add(name, template)
+            draft = _Draft(self._index)
+            try:
+                for name, template in templates:
+                    self._add(draft, name, template)
+            finally:
+                self._index = draft.build()
 
     def remove(self, name: str) -> None:
         """Stop matching `name`; unknown names are ignored so deletes can be retried."""
         with self._write_lock:
             old = self._entries.pop(name, None)
             if old is not None:
-                self._unfile(old)
+                draft = _Draft(self._index)
+                self._unfile(draft, old)
+                self._index = draft.build()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -203,13 +270,16 @@ class Matcher:
         return self._match(("completion", (COMPLETION_ROLE,)), [_normalize(prompt)])
 
     def _match(self, group: Group, texts: list[str]) -> Match | None:
-        shapes = self._shapes.get(group)
+        index = self._index
+        shapes = index.shapes.get(group)
         if not shapes:
             return None
-        buckets = self._buckets
+        table = index.table
         found: list[tuple[_Entry, ...]] = []
         for shape in shapes:
-            bucket = buckets.get((shape, shape.request_key(texts)))
+            key = (shape, shape.request_key(texts))
+            h = hash(key)
+            bucket = table[h & _MASK][(h >> FANOUT_BITS) & _MASK].get(key)
             if bucket:
                 found.append(bucket)
         if not found:
@@ -225,47 +295,47 @@ class Matcher:
 
     # -- writers, under the lock ---------------------------------------------------------------
 
-    def _add(self, name: str, template: PromptTemplate) -> None:
-        group: Group = (template.kind, template.roles)
-        cuts = tuple(_message_cuts(m) for m in template.messages)
+    def _add(self, draft: _Draft, name: str, template: PromptTemplate) -> None:
+        messages = template.messages
+        group: Group = (template.kind, tuple(m.role for m in messages))
+        static = [m.is_static for m in messages]
+        static_texts = [m.static_text for m in messages]
+        cuts = tuple(_message_cuts(m, s) for m, s in zip(messages, static, strict=True))
         shape = self._shape_of.get((group, cuts))
         if shape is None:
             shape = self._shape_of[(group, cuts)] = _Shape(cuts)
-        slotted = tuple((i, _Reader(m)) for i, m in enumerate(template.messages) if not m.is_static)
-        entry = _Entry((-template.static_chars, name), name, template, (group, shape, shape.template_key(template)),
-                       slotted)
+        slotted = tuple((i, _Reader(m)) for i, (m, s) in enumerate(zip(messages, static, strict=True)) if not s)
+        rank = (-sum(map(len, static_texts)), name)  # the template's static_chars: the most static text first
+        entry = _Entry(rank, name, template, (group, shape, shape.template_key(messages, static_texts)), slotted)
         old = self._entries.get(name)
-        self._file(entry)
+        self._file(draft, entry)
         self._entries[name] = entry
         if old is not None:
-            self._unfile(old)
+            self._unfile(draft, old)
 
-    def _file(self, entry: _Entry) -> None:
+    def _file(self, draft: _Draft, entry: _Entry) -> None:
         group, shape, key = entry.filed
-        bucket = list(self._buckets.get((shape, key), ()))
+        leaf = draft.leaf((shape, key))
+        bucket = list(leaf.get((shape, key), ()))
         bisect.insort(bucket, entry, key=_rank)
-        self._buckets[(shape, key)] = tuple(bucket)
-        filed = self._filed.get((group, shape), 0)
-        self._filed[(group, shape)] = filed + 1
-        if not filed:  # a new shape for the group: readers look it up from now on, its bucket already there
-            shapes = self._shapes.get(group, ())
-            self._shapes[group] = tuple(sorted((*shapes, shape), key=lambda s: s.cuts))
+        leaf[(shape, key)] = tuple(bucket)
+        filed = self._filed.get(shape, 0)
+        self._filed[shape] = filed + 1
+        if not filed:
+            draft.set_shapes(group, tuple(sorted((*draft.shapes.get(group, ()), shape), key=lambda s: s.cuts)))
 
-    def _unfile(self, entry: _Entry) -> None:
+    def _unfile(self, draft: _Draft, entry: _Entry) -> None:
         group, shape, key = entry.filed
-        rest = tuple(e for e in self._buckets[(shape, key)] if e is not entry)
+        leaf = draft.leaf((shape, key))
+        rest = tuple(e for e in leaf[(shape, key)] if e is not entry)
         if rest:
-            self._buckets[(shape, key)] = rest
+            leaf[(shape, key)] = rest
         else:
-            del self._buckets[(shape, key)]
-        filed = self._filed[(group, shape)] - 1
+            del leaf[(shape, key)]
+        filed = self._filed[shape] - 1
         if filed:
-            self._filed[(group, shape)] = filed
+            self._filed[shape] = filed
         else:
-            del self._filed[(group, shape)]
+            del self._filed[shape]
             del self._shape_of[(group, shape.cuts)]
-            shapes = tuple(s for s in self._shapes[group] if s is not shape)
-            if shapes:
-                self._shapes[group] = shapes
-            else:
-                del self._shapes[group]
+            draft.set_shapes(group, tuple(s for s in draft.shapes[group] if s is not shape))

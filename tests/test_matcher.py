@@ -328,3 +328,118 @@ def test_concurrent_updates_while_matching() -> None:
         thread.join()
     assert not errors
     assert "stable" in matcher.names() and "flapping" not in matcher.names()
+
+
+# --- the index against a brute-force reading of every template ----------------------------------
+
+
+def best_by_brute_force(registered: dict[str, PromptTemplate], request: list[tuple[str, str]],
+                        completion: bool) -> tuple[str, dict[str, str]] | None:
+    """What matching means, without an index: the template with the most static text, then the first name."""
+    texts = [normalize(text) for _, text in request]
+    found: list[tuple[tuple[int, str], dict[str, str]]] = []
+    for name, template in registered.items():
+        if completion != (template.kind == "completion"):
+            continue
+        if not completion and template.roles != tuple(role for role, _ in request):
+            continue
+        values = template.match(texts)
+        if values is not None:
+            found.append(((-template.static_chars, name), values))
+    if not found:
+        return None
+    (_, name), values = min(found, key=lambda item: item[0])
+    return name, values
+
+
+@PROPERTY
+@given(st.data())
+def test_the_index_finds_what_reading_every_template_finds(data: st.DataObject) -> None:
+    """Several templates at once (sharing anchors, or whole messages, often): the index must give the same best
+    template and values as trying each template's own `match`, for renderings and near-renderings alike."""
+    registered = {f"t{i}": t for i, t in enumerate(data.draw(st.lists(templates(), min_size=1, max_size=6)))}
+    matcher = Matcher()
+    matcher.add_many(registered.items())
+    for name in data.draw(st.lists(st.sampled_from(sorted(registered)), max_size=2, unique=True)):
+        matcher.remove(name)
+        del registered[name]
+    assume(registered)
+    template = data.draw(st.sampled_from(list(registered.values())))
+    request = as_request(template, data.draw(slot_values(template)))
+    if data.draw(st.booleans()):  # an edit anywhere: often no match, sometimes another template's
+        index = data.draw(st.integers(0, len(request) - 1))
+        text = request[index][1]
+        at = data.draw(st.integers(0, len(text)))
+        request[index] = (request[index][0], text[:at] + data.draw(st.sampled_from("ab:. \n{}c\r")) + text[at:])
+    completion = template.kind == "completion"
+    found = detect(matcher, template, request)
+    expected = best_by_brute_force(registered, request, completion)
+    event("matched" if expected else "no match")
+    assert (None if found is None else (found.name, found.values)) == expected
+    if found is not None:
+        assert found.template is registered[found.name]
+
+
+@given(st.text(alphabet="a \t\r\n\x0b\u00a0", max_size=12))
+def test_request_normalisation_is_the_templates_own(text: str) -> None:
+    from gateway.matcher import _normalize
+
+    assert _normalize(text) == normalize(text)
+
+
+def test_add_many_is_add_one_by_one() -> None:
+    pairs = [(f"p{i}", chat(("system", f"Rules {i % 3}."), ("user", f"Task {i % 5}: {{q}}"))) for i in range(30)]
+    one_by_one, bulk = Matcher(), Matcher()
+    for name, template in pairs:
+        one_by_one.add(name, template)
+    bulk.add_many(pairs)
+    assert bulk.names() == one_by_one.names() and len(bulk) == 30
+    for i in range(30):
+        request = [("system", f"Rules {i % 3}."), ("user", f"Task {i % 5}: go")]
+        hit, expected = bulk.match_chat(request), one_by_one.match_chat(request)
+        assert hit is not None and expected is not None and hit.name == expected.name
+
+
+def test_removing_everything_leaves_an_empty_index() -> None:
+    """Buckets and shapes are dropped with their last template, so a long-lived gateway does not grow."""
+    matcher = Matcher()
+    names = []
+    for i in range(40):
+        names.append(f"p{i}")
+        matcher.add(names[-1], chat(("system", "S" * (i + 1)), ("user", f"{'x' * i}{{q}}{'y' * (40 - i)}")))
+    matcher.add("p0", parse_template(prompt="Q: {q}"))  # replaced: filed elsewhere, the old place emptied
+    for name in names:
+        matcher.remove(name)
+    assert len(matcher) == 0 and matcher.names() == []
+    assert not (matcher._index.shapes or matcher._filed or matcher._shape_of)
+    assert not any(leaf for row in matcher._index.table for leaf in row)
+
+
+def test_a_replaced_template_is_never_missing() -> None:
+    """A replacement is one new generation of the index: a request that both versions fill in always matches."""
+    matcher = Matcher()
+    plain = chat(("user", "Ask: {q}"))
+    urgent = chat(("user", "Ask: {q} (urgent)"))  # another suffix anchor: another bucket
+    matcher.add("a", plain)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            while not stop.is_set():
+                matcher.add("a", urgent)
+                matcher.add("a", plain)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(3000):
+            found = matcher.match_chat([("user", "Ask: why (urgent)")])
+            assert found is not None and found.name == "a"
+            assert found.values in ({"q": "why (urgent)"}, {"q": "why"})
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and len(matcher) == 1
