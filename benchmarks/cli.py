@@ -52,10 +52,21 @@ def count(text: str) -> int:
     return value
 
 
+def at_least_zero(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def cmd_matcher(args: argparse.Namespace) -> int:
     from benchmarks import matcher
 
-    matcher.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
+    if args.startup:
+        matcher.run_startup(counts=tuple(args.templates), token_sample=args.token_sample)
+    else:
+        matcher.run(counts=tuple(args.templates), request_tokens=args.request_tokens, repeats=args.repeats)
     return 0
 
 
@@ -139,6 +150,12 @@ def _add_matcher(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="numbers of registered templates (default 10 1000 10000)")
     p.add_argument("--request-tokens", type=count, default=2000, help="request size in tokens (default 2000)")
     p.add_argument("--repeats", type=count, default=2000, help="detections timed per row (default 2000)")
+    p.add_argument("--startup", action="store_true",
+                   help="time a gateway's start-up instead: that many prompts bulk-inserted into a new SQLite "
+                        "registry, then listed, parsed, matched and counted")
+    p.add_argument("--token-sample", type=at_least_zero, default=1000, metavar="N",
+                   help="with --startup: templates whose static tokens are counted, extrapolated to all "
+                        "(default 1000; 0 skips it and loading the tokenizer)")
     p.set_defaults(func=_guarded(cmd_matcher))
 
 
