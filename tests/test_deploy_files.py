@@ -1,8 +1,11 @@
 """The deploy files (docker-compose.yml, Dockerfile, deploy/) agree with each other and with the gateway.
 
 Checked without Docker: pinned images, volumes, health checks, required secrets, files that exist,
-the settings and metric names the gateway really has; Prometheus's files with promtool (Debian's
-package `prometheus`), including unit tests of the recording rules and alerts.
+the settings and metric names the gateway really has; the replicas and the worker sharing one
+registry and one adapter store; the proxy's configuration with `haproxy -c` (Debian's package
+`haproxy`); Prometheus's files with promtool (Debian's package `prometheus`), including unit tests of
+the recording rules and alerts with two replicas. deploy/k8s is checked in test_deploy_k8s.py, the
+proxy in front of live replicas in test_deploy_proxy.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -25,16 +29,21 @@ DOCKERFILE = REPO / "Dockerfile"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
 RULES = RULES_DIR / "promptintern.yml"
+HAPROXY = REPO / "deploy" / "haproxy"
+HAPROXY_CONFIG = HAPROXY / "haproxy.cfg"
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "promptintern-cost.json"
 DATASOURCE_UID = "promptintern-prometheus"
 VLLM_SERVICES = ("vllm", "vllm-cpu")
 ONE_SHOT = {"base-model"}
+# The gateway replicas and the training worker: one image, one registry, one adapter store.
+GATEWAY_IMAGE_SERVICES = ("gateway", "worker")
 REQUIRED_SECRET = re.compile(r"^\$\{(\w+):\?[^}]+\}$")
 PROMTOOL = shutil.which("promtool") or ""
 needs_promtool = pytest.mark.skipif(
     not PROMTOOL, reason="promtool missing: apt-get install -y --no-install-recommends prometheus"
 )
+HAPROXY_BINARY = shutil.which("haproxy") or ""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +101,7 @@ def test_every_image_is_pinned(compose: dict[str, Any]) -> None:
 
 def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
     declared = set(compose.get("volumes") or {})
-    assert {"data", "adapters", "models"} <= declared
+    assert {"data", "worker-data", "adapters", "models", "postgres-data"} <= declared
     for name, service in _services(compose).items():
         for source, _target in _volumes(service):
             if not source.startswith((".", "/")):
@@ -113,6 +122,12 @@ def test_adapters_and_model_are_at_the_same_paths_in_gateway_and_vllm(compose: d
         assert mounts["adapters"] == adapter_dir, f"{name} must see adapters where the gateway writes them"
         assert mounts["models"] == gateway_mounts["models"]
         assert services[name]["command"][0] == model_dir, f"{name} must serve the model the gateway tokenises with"
+    # The worker publishes into the same store, and trains the same base model.
+    worker_env = _env(services["worker"])
+    worker_mounts = {source: target for source, target in _volumes(services["worker"])}
+    assert worker_env["PROMPTINTERN_ADAPTER_DIR"] == adapter_dir == worker_mounts["adapters"]
+    assert worker_env["PROMPTINTERN_BASE_MODEL"] == model_dir
+    assert worker_mounts["models"] == gateway_mounts["models"]
 
 
 def test_vllm_services_serve_loras_at_runtime(compose: dict[str, Any]) -> None:
@@ -149,9 +164,10 @@ def test_gateway_settings(compose: dict[str, Any]) -> None:
     assert env["PROMPTINTERN_DATA_DIR"] == "/data"
     assert env["PROMPTINTERN_ADAPTER_DIR"] == "/adapters"
     fields = Settings.model_fields
-    for name in env:
-        if name.startswith("PROMPTINTERN_"):
-            assert name.removeprefix("PROMPTINTERN_").lower() in fields, f"{name} is no gateway setting"
+    for service in GATEWAY_IMAGE_SERVICES:
+        for name in _env(_services(compose)[service]):
+            if name.startswith("PROMPTINTERN_"):
+                assert name.removeprefix("PROMPTINTERN_").lower() in fields, f"{service}: {name} is no gateway setting"
     assert _interpolated_default(env["PROMPTINTERN_SERVED_MODEL_NAME"]) == DEFAULT_SERVED_MODEL_NAME
     assert int(_interpolated_default(env["PROMPTINTERN_MAX_LORA_RANK"])) == fields["max_lora_rank"].default
     assert env["PROMPTINTERN_MAX_MODEL_LEN"] == "${PROMPTINTERN_MAX_MODEL_LEN:-4096}"  # the same as vLLM's
@@ -162,7 +178,9 @@ def test_required_secrets_have_no_default(compose: dict[str, Any]) -> None:
     services = _services(compose)
     admin_key = _env(services["gateway"])["PROMPTINTERN_ADMIN_KEY"]
     password = _env(services["grafana"])["GF_SECURITY_ADMIN_PASSWORD"]
-    for value, variable in ((admin_key, "PROMPTINTERN_ADMIN_KEY"), (password, "GRAFANA_ADMIN_PASSWORD")):
+    database = _env(services["postgres"])["POSTGRES_PASSWORD"]
+    for value, variable in ((admin_key, "PROMPTINTERN_ADMIN_KEY"), (password, "GRAFANA_ADMIN_PASSWORD"),
+                            (database, "POSTGRES_PASSWORD")):
         match = REQUIRED_SECRET.match(value)
         assert match and match.group(1) == variable, f"{value!r} must be ${{{variable}:?...}}"
 
@@ -181,6 +199,8 @@ def test_healthchecks_and_dependencies(compose: dict[str, Any]) -> None:
         assert "/health" in " ".join(services[name]["healthcheck"]["test"])
     assert "/-/ready" in " ".join(services["prometheus"]["healthcheck"]["test"])
     assert "/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
+    assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
+    assert "/healthz" in " ".join(services["proxy"]["healthcheck"]["test"])
 
     for name, service in services.items():
         for dependency, spec in (service.get("depends_on") or {}).items():
@@ -194,6 +214,10 @@ def test_healthchecks_and_dependencies(compose: dict[str, Any]) -> None:
         for n in VLLM_SERVICES
     )
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    for name in GATEWAY_IMAGE_SERVICES:
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert services[name]["depends_on"]["base-model"]["condition"] == "service_completed_successfully", name
+    assert services["proxy"]["depends_on"]["gateway"]["condition"] == "service_healthy"
 
 
 def _cli_subcommands() -> set[str]:
@@ -249,16 +273,179 @@ def test_dockerfile() -> None:
     assert re.search(r'^CMD \["promptintern", "serve"\]$', text, flags=re.MULTILINE)
 
 
+def test_dockerfile_copies_every_package() -> None:
+    """The image installs the project from the copied folders: a package left out fails only at run time."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    copied = {parts[-1].removeprefix("./").rstrip("/")
+              for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+              for parts in [line.split()] if len(parts) == 2}
+    assert packages and set(packages) <= copied, f"not copied into the image: {set(packages) - copied}"
+
+
+# --- PostgreSQL, the replicas and the worker --------------------------------------------------------
+
+
+def test_postgres_service(compose: dict[str, Any]) -> None:
+    postgres = _services(compose)["postgres"]
+    assert postgres["image"].startswith("postgres:")  # the official image
+    env = _env(postgres)
+    assert dict(_volumes(postgres))["postgres-data"] == "/var/lib/postgresql/data"
+    assert "ports" not in postgres, "only the stack's services reach the registry"
+    check = postgres["healthcheck"]["test"]
+    assert check[check.index("-U") + 1] == env["POSTGRES_USER"] and check[check.index("-d") + 1] == env["POSTGRES_DB"]
+    assert check[check.index("-h") + 1] == "127.0.0.1"  # TCP: not ready during the image's first-start init
+
+
+def test_database_url_names_the_stack_postgres(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    postgres = _env(services["postgres"])
+    url = make_url(_env(services["gateway"])["PROMPTINTERN_DATABASE_URL"])
+    assert url.drivername == "postgresql+psycopg"  # psycopg 3
+    assert (url.host, url.port) == ("postgres", 5432)
+    assert url.username == postgres["POSTGRES_USER"] and url.database == postgres["POSTGRES_DB"]
+    assert url.password == postgres["POSTGRES_PASSWORD"]  # the same required variable
+
+
+def test_replicas_and_worker_share_registry_store_and_model(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    gateway, worker = services["gateway"], services["worker"]
+    assert gateway["deploy"]["replicas"] >= 2
+    # Several replicas cannot share a host port: clients come in through the proxy.
+    assert "ports" not in gateway and "container_name" not in gateway
+    shared = ("PROMPTINTERN_DATABASE_URL", "PROMPTINTERN_ADAPTER_DIR", "PROMPTINTERN_BASE_MODEL",
+              "PROMPTINTERN_SERVED_MODEL_NAME", "PROMPTINTERN_MAX_LORA_RANK", "PROMPTINTERN_ENGINE",
+              "PROMPTINTERN_VLLM_URL")
+    gateway_env, worker_env = _env(gateway), _env(worker)
+    assert {k: gateway_env[k] for k in shared} == {k: worker_env[k] for k in shared}
+    assert dict(_volumes(gateway))["adapters"] == dict(_volumes(worker))["adapters"] == "/adapters"
+    # The worker: same image, the training command, no port, its own scratch data folder.
+    assert worker["image"] == gateway["image"] and worker["pull_policy"] == "never"
+    assert worker["command"] == ["promptintern", "worker"]
+    assert {"serve", "worker"} <= _cli_subcommands()
+    assert "ports" not in worker and "expose" not in worker
+    assert dict(_volumes(worker))["worker-data"] == worker_env["PROMPTINTERN_DATA_DIR"]
+    # Training is the worker's alone.
+    assert gateway_env["PROMPTINTERN_TRAIN_IN_GATEWAY"] == "false" and "PROMPTINTERN_TRAIN_IN_GATEWAY" not in worker_env
+    # Training processes are the replicas' and the worker's children: an init reaps them.
+    assert gateway["init"] is True and worker["init"] is True
+
+
+# --- the proxy in front of the replicas (HAProxy) ---------------------------------------------------
+
+
+def _haproxy_sections() -> dict[str, list[str]]:
+    """`section name` -> its lines (comments and blank lines dropped)."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for raw in HAPROXY_CONFIG.read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = line.strip()
+            sections[current] = []
+        else:
+            sections[current].append(line.strip())
+    return sections
+
+
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 0.001}[unit]
+
+
+def test_proxy_service(compose: dict[str, Any]) -> None:
+    proxy = _services(compose)["proxy"]
+    assert proxy["image"].startswith("haproxy:") and proxy["image"].endswith("-alpine")  # busybox wget: health check
+    assert dict(_volumes(proxy))["./deploy/haproxy"] == "/usr/local/etc/haproxy"  # the image's config folder
+    assert proxy["ports"] == ["${PROMPTINTERN_HOST_PORT:-8000}:8000"]
+    sections = _haproxy_sections()
+    [hard_stop] = [line.split()[1] for line in sections["global"] if line.startswith("hard-stop-after")]
+    assert _seconds(proxy["stop_grace_period"]) > _seconds(hard_stop), "let a soft stop finish the streams"
+
+
+def test_haproxy_balances_the_ready_replicas(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    env = _env(services["gateway"])
+    sections = _haproxy_sections()
+    backend = sections["backend gateways"]
+    [template] = [line.split() for line in backend if line.startswith("server-template")]
+    # Every replica of the `gateway` service (Docker's DNS), at the port the gateway listens on.
+    assert template[3] == f"gateway:{env['PROMPTINTERN_PORT']}"
+    assert int(template[2]) >= services["gateway"]["deploy"]["replicas"]
+    assert "option httpchk" in backend
+    [send] = [line.split() for line in backend if line.startswith("http-check send")]
+    assert send[send.index("uri") + 1] == "/ready"
+    assert "http-check expect status 200" in backend
+    [defaults] = [line.split() for line in backend if line.startswith("default-server")]
+    assert "check" in defaults and defaults[defaults.index("resolvers") + 1] == "docker"
+    nameservers = [line for line in sections["resolvers docker"] if line.startswith("nameserver")]
+    assert nameservers and all(line.endswith(" 127.0.0.11:53") for line in nameservers)  # Docker's DNS
+    assert "balance leastconn" in backend
+    frontend = sections["frontend openai"]
+    assert "bind :8000" in frontend and "default_backend gateways" in frontend
+
+
+def test_haproxy_streams(compose: dict[str, Any]) -> None:
+    defaults = _haproxy_sections()["defaults"]
+    assert "mode http" in defaults and "option http-no-delay" in defaults
+    assert not [line for line in defaults if "http-buffer-request" in line or "compression" in line]
+    timeouts = {line.split()[1]: _seconds(line.split()[2]) for line in defaults if line.startswith("timeout ")}
+    # A stream may be quiet between two events, and a long answer takes minutes.
+    assert timeouts["server"] >= 300 and timeouts["client"] >= 300
+    assert "option redispatch 1" in defaults and "retries 3" in defaults
+
+
+def test_haproxy_errors_are_openai_shaped() -> None:
+    sections = _haproxy_sections()
+    assert "errorfiles openai-errors" in sections["defaults"]
+    files = {int(line.split()[1]): HAPROXY / line.split()[2] for line in sections["http-errors openai-errors"]}
+    assert {502, 503, 504} <= set(files)
+    for code, path in files.items():
+        head, _, body = path.read_bytes().partition(b"\r\n\r\n")
+        status, *headers = head.decode().split("\r\n")
+        assert status.startswith(f"HTTP/1.1 {code} ")
+        fields = dict(h.lower().split(": ", 1) for h in headers)
+        assert fields["content-type"] == "application/json" and int(fields["content-length"]) == len(body)
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], path.name
+    assert b"retry-after: " in files[503].read_bytes()
+
+
+def test_haproxy_monitoring_frontend(compose: dict[str, Any]) -> None:
+    monitoring = _haproxy_sections()["frontend monitoring"]
+    assert "bind :8404" in monitoring and "monitor-uri /healthz" in monitoring
+    assert "monitor fail if { nbsrv(gateways) lt 1 }" in monitoring
+    assert "http-request use-service prometheus-exporter if { path /metrics }" in monitoring
+    assert "8404/healthz" in " ".join(_services(compose)["proxy"]["healthcheck"]["test"])
+
+
+@pytest.mark.skipif(not HAPROXY_BINARY and os.environ.get("CI", "").lower() != "true",
+                    reason="haproxy missing: apt-get install -y --no-install-recommends haproxy")
+def test_haproxy_check_config() -> None:
+    assert HAPROXY_BINARY, "haproxy missing under CI=true (`make haproxy`)"
+    result = subprocess.run([HAPROXY_BINARY, "-c", "-f", str(HAPROXY_CONFIG)], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr
+
+
 # --- Prometheus ---------------------------------------------------------------------------------
 
 
 def test_prometheus_scrapes_the_services(compose: dict[str, Any]) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    # DNS discovery: every replica of the service is a target of its own.
     for job, host in (("promptintern-gateway", "gateway"), ("vllm", "vllm")):
         [sd] = jobs[job]["dns_sd_configs"]
         assert sd["names"] == [host] and sd["port"] == 8000
         assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
+    [static] = jobs["haproxy"]["static_configs"]
+    assert static["targets"] == ["proxy:8404"] and "proxy" in _services(compose)
     assert config["rule_files"] == ["rules/*.yml"]
     mounts = dict(_volumes(_services(compose)["prometheus"]))
     assert mounts["./deploy/prometheus"] == "/etc/prometheus"
@@ -403,12 +590,70 @@ def test_recording_rules_and_alerts_behave(tmp_path: Path) -> None:
                     }
                 ],
             },
+            {
+                # Two replicas, g1 and g2: their counters add up; the registry's adapter gauge, which
+                # both report, is not counted twice; g2 stops answering scrapes after 5 minutes.
+                "interval": "1m",
+                "input_series": [
+                    _series("up", "1x20"),
+                    _series("up", "1x5 0x15", instance="g2"),
+                    _series("up", "1x20", job="vllm", instance="v1"),
+                    _series("promptintern_original_prompt_tokens_total", "0+1000x20", prompt="p1"),
+                    _series("promptintern_original_prompt_tokens_total", "0+500x20", prompt="p1", instance="g2"),
+                    _series("promptintern_saved_prompt_tokens_total", "0+600x20", prompt="p1"),
+                    _series("promptintern_saved_prompt_tokens_total", "0+300x20", prompt="p1", instance="g2"),
+                    _series("promptintern_requests_total", "0+10x20", prompt="p1", route="adapter"),
+                    _series("promptintern_requests_total", "0+20x20", prompt="p1", route="adapter", instance="g2"),
+                    _series("promptintern_adapters", "1x20", status="failed"),
+                    _series("promptintern_adapters", "1x20", status="failed", instance="g2"),
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "promptintern:saved_prompt_tokens:rate5m",
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": 'promptintern:saved_prompt_tokens:rate5m{prompt="p1"}',
+                                         "value": 15}],
+                    },
+                    {
+                        "expr": "promptintern:saved_prompt_tokens:ratio_rate5m",
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": 'promptintern:saved_prompt_tokens:ratio_rate5m{prompt="p1"}',
+                                         "value": 0.6}],
+                    },
+                    {
+                        "expr": "promptintern:requests:rate5m",
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": 'promptintern:requests:rate5m{prompt="p1", route="adapter"}',
+                                         "value": 0.5}],
+                    },
+                    {
+                        "expr": _alert_expr(rules, "PromptInternAdaptersFailed"),
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": "{}", "value": 1}],
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "PromptInternGatewayReplicaDown", "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "PromptInternGatewayReplicaDown",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "job": "promptintern-gateway",
+                                                       "instance": "g2"}}],
+                    },
+                    {"eval_time": "15m", "alertname": "PromptInternGatewayDown", "exp_alerts": []},
+                ],
+            },
         ],
     }
     test_file = tmp_path / "rules_test.yml"
     test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
     result = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _alert_expr(rules: dict[str, Any], name: str) -> str:
+    [expr] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == name]
+    return str(expr)
 
 
 # --- Grafana ------------------------------------------------------------------------------------
@@ -516,6 +761,32 @@ def test_dashboard_prompt_variable_and_queries(dashboard: dict[str, Any]) -> Non
     assert "[5m]" not in joined, "use $__rate_interval or $__range in dashboards"
 
 
+def test_dashboard_and_rules_aggregate_over_replicas(dashboard: dict[str, Any]) -> None:
+    """Each replica is a target of its own: every gateway query aggregates its series away (sums the
+    traffic counters; takes the max of the registry's adapter gauge, which every replica reports)."""
+    rule_exprs = [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    exprs = [e for e in _exprs(dashboard) + rule_exprs if "promptintern_" in e]
+    assert exprs
+    for expr in exprs:
+        for match in re.finditer(r"\bpromptintern_[a-z0-9_]+", expr):
+            aggregations = _open_aggregations(expr[: match.start()])
+            assert aggregations, f"{match.group()} is not aggregated over replicas: {expr}"
+            if match.group() == "promptintern_adapters":
+                assert aggregations[-1] in ("max", "min"), f"every replica reports the registry: {expr}"
+        assert "instance" not in expr, expr
+
+
+def _open_aggregations(before: str) -> list[str]:
+    """The aggregation operators whose parentheses are still open at the end of `before`, outermost first."""
+    stack: list[str] = []
+    for token in re.finditer(r"\b(sum|max|min|avg|count)\s*(?:by\s*\([^)]*\)\s*)?\(|\(|\)", before):
+        if token.group() == ")":
+            stack.pop()
+        else:
+            stack.append(token.group(1) or "")
+    return [name for name in stack if name]
+
+
 def test_metric_names_exist_in_the_gateway(dashboard: dict[str, Any]) -> None:
     """Every promptintern_* name used by the dashboard and the rules is one the gateway exports."""
     from gateway.metrics import GatewayMetrics
@@ -553,7 +824,8 @@ def test_compose_config_is_valid_for_both_profiles() -> None:
     command = _compose_command()
     if command is None:
         pytest.skip("no Docker Compose v2 here (`docker compose` or docker-compose v2)")
-    env = {**os.environ, "PROMPTINTERN_ADMIN_KEY": "test-key", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+    env = {**os.environ, "PROMPTINTERN_ADMIN_KEY": "test-admin-key-0123456789",
+           "GRAFANA_ADMIN_PASSWORD": "test-password", "POSTGRES_PASSWORD": "test-postgres-password"}
     for profile, vllm in (("gpu", "vllm"), ("cpu", "vllm-cpu")):
         result = subprocess.run(
             [*command, "--profile", profile, "config", "--services"],
@@ -564,9 +836,17 @@ def test_compose_config_is_valid_for_both_profiles() -> None:
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        assert set(result.stdout.split()) == {"base-model", vllm, "gateway", "prometheus", "grafana"}
-    env.pop("PROMPTINTERN_ADMIN_KEY")
-    result = subprocess.run(
-        [*command, "--profile", "cpu", "config", "--quiet"], capture_output=True, text=True, cwd=REPO, env=env
-    )
-    assert "required variable PROMPTINTERN_ADMIN_KEY is missing" in result.stderr
+        assert set(result.stdout.split()) == {
+            "base-model", vllm, "postgres", "gateway", "worker", "proxy", "prometheus", "grafana"}
+    # The resolved file: both replicas' and the worker's registry URL carries the one password.
+    result = subprocess.run([*command, "--profile", "cpu", "config", "--format", "json"], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)["services"]
+    urls = {resolved[name]["environment"]["PROMPTINTERN_DATABASE_URL"] for name in GATEWAY_IMAGE_SERVICES}
+    assert urls == {"postgresql+psycopg://promptintern:test-postgres-password@postgres:5432/promptintern"}
+    assert resolved["gateway"]["deploy"]["replicas"] == 2
+    for variable in ("PROMPTINTERN_ADMIN_KEY", "POSTGRES_PASSWORD"):
+        result = subprocess.run([*command, "--profile", "cpu", "config", "--quiet"], capture_output=True, text=True,
+                                cwd=REPO, env={k: v for k, v in env.items() if k != variable}, timeout=60)
+        assert f"required variable {variable} is missing" in result.stderr
