@@ -20,6 +20,8 @@ from gateway.local_server import LocalGateway, free_port
 torch.set_num_threads(int(os.environ.get("PROMPTINTERN_TEST_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
+# A throwaway PostgreSQL server (`postgresql`, `pg_url`, `database_url` over SQLite and PostgreSQL).
+pytest_plugins = ["tests.pg"]
 ADMIN_KEY = "test-admin-key-0123456789"
 
 

@@ -1,20 +1,32 @@
-"""Schema migrations: a fresh database reaches head, a wave-1 database keeps its rows, one process migrates."""
+"""Schema migrations, on SQLite and on a real PostgreSQL: a fresh database reaches head, an older one keeps its
+rows, the migrations go down and up again, and however many processes start at once, one migrates."""
 
 from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from gateway.registry.db import Base
-from gateway.registry.migrate import BASELINE, Migration, head_revision, sqlite_migration_lock, upgrade_to_head
+from gateway.registry.migrate import (
+    BASELINE,
+    PG_LOCK_KEY,
+    Migration,
+    alembic_config,
+    head_revision,
+    migration_lock,
+    upgrade_to_head,
+)
 from gateway.registry.store import PromptRegistry
+from tests.pg import PostgresServer
 
 # The DDL wave 1's `Base.metadata.create_all` left in a SQLite file (sqlite_master at 8f08c39, lines joined).
 WAVE1_SCHEMA = """
@@ -66,8 +78,19 @@ def schema_differences(url: str) -> list[Any]:
         engine.dispose()
 
 
-def test_a_fresh_database_migrates_to_head_and_matches_the_models(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def migrate(url: str, revision: str, down: bool = False) -> None:
+    """Alembic's own upgrade or downgrade to `revision`, as `alembic upgrade` would run it."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(connection)
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_a_fresh_database_migrates_to_head_and_matches_the_models(database_url: str) -> None:
+    url = database_url
     registry = PromptRegistry(url)
     assert registry.migration == Migration(before=None, stamped_wave1=False, after=head_revision())
     registry.close()
@@ -75,6 +98,54 @@ def test_a_fresh_database_migrates_to_head_and_matches_the_models(tmp_path: Path
     again = PromptRegistry(url)  # the usual restart: already at head, nothing to do
     assert again.migration == Migration(before=head_revision(), stamped_wave1=False, after=head_revision())
     again.close()
+
+
+def test_the_migrations_go_down_to_nothing_and_up_again(database_url: str) -> None:
+    migrate(database_url, "head")
+    migrate(database_url, "base", down=True)
+    engine = create_engine(database_url)
+    try:
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    finally:
+        engine.dispose()
+    migrate(database_url, "head")
+    assert schema_differences(database_url) == []
+
+
+def test_a_baseline_database_with_rows_upgrades_and_numbering_continues(database_url: str) -> None:
+    """A database at 0001 (what a replica of the first release made) keeps its rows through 0002, and new rows
+    are numbered after them: on PostgreSQL each id sequence carries on from where it was."""
+    migrate(database_url, BASELINE)
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":  # wave 1 wrote UTC times without a zone
+                connection.execute(text("SET LOCAL TIME ZONE 'UTC'"))
+            for statement in WAVE1_ROWS.strip().split(";\n"):
+                if statement.strip():
+                    connection.execute(text(statement.strip().rstrip(";")))
+            if engine.dialect.name == "postgresql":  # explicit ids, as wave 1 wrote them: the sequences follow
+                for table in ("prompts", "adapter_versions", "train_jobs", "runner_lease"):
+                    connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                            f"(SELECT max(id) FROM {table}))"))
+    finally:
+        engine.dispose()
+
+    registry = PromptRegistry(database_url)
+    try:
+        assert registry.migration == Migration(before=BASELINE, stamped_wave1=False, after=head_revision())
+        record = registry.get("shell")
+        assert [(v.version, v.status) for v in record.versions] == [(1, "ready"), (2, "failed")]
+        assert record.created.isoformat() == "2026-11-20T10:00:00+00:00"  # stored without a zone: UTC
+        job = registry.get_job(1)
+        assert job is not None and (job.status, job.error, job.spec) == ("failed", "boom", {"rows": []})
+        assert registry.create_job("shell", {"rows": 2}).id == 2
+        registry.create("other", "chat", [{"role": "user", "content": "{query}"}], [])  # prompts' ids go on too
+        assert registry.allocate_version("shell", "loading", "upload") == 3
+        assert registry.changes_since(0).prompts == frozenset({"other", "shell"})
+    finally:
+        registry.close()
+    assert schema_differences(database_url) == []
 
 
 def test_a_wave1_database_is_stamped_and_upgraded_without_losing_rows(tmp_path: Path) -> None:
@@ -148,18 +219,36 @@ def _migrate_in_a_child(url: str, ready: Event, results: Any) -> None:
     results.put((outcome.before, outcome.after))
 
 
-def test_two_processes_starting_at_once_migrate_once(tmp_path: Path) -> None:
-    """Both children reach the migration while the lock is held; released, exactly one of them migrates."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def _advisory_lock_waiters(server: PostgresServer, database: str) -> int:
+    with server.connect(database) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = %s "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s", (database, PG_LOCK_KEY)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_two_processes_starting_at_once_migrate_once(database_url: str, request: Any) -> None:
+    """Both children reach the migration while the lock is held (on PostgreSQL: seen waiting for the advisory
+    lock in pg_locks); released, exactly one of them migrates."""
+    url = database_url
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     readies = [context.Event() for _ in range(2)]
     children = [context.Process(target=_migrate_in_a_child, args=(url, ready, results)) for ready in readies]
-    with sqlite_migration_lock(create_engine(url)):
+    engine = create_engine(url)
+    with migration_lock(engine):
         for child in children:
             child.start()
         for ready in readies:
             assert ready.wait(120), "a child process did not start"
+        if engine.dialect.name == "postgresql":
+            server: PostgresServer = request.getfixturevalue("postgresql")
+            deadline = time.monotonic() + 120
+            while _advisory_lock_waiters(server, str(engine.url.database)) < len(children):
+                assert time.monotonic() < deadline, "the children never waited for the migration lock"
+                time.sleep(0.05)
+    engine.dispose()
     outcomes = sorted([results.get(timeout=120) for _ in children], key=lambda o: str(o[0]))
     for child in children:
         child.join(60)

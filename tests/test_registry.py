@@ -1,18 +1,26 @@
-"""The registry: domain errors (never HTTP ones) and version numbers that stay unique under concurrency."""
+"""The registry, on SQLite and on a real PostgreSQL: domain errors (never HTTP ones), version numbers that stay
+unique under concurrency, a change log without gaps, aware UTC timestamps, job ids never reused."""
 
 from __future__ import annotations
 
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session
 
 from core.adapter_store import AdapterStore
 from core.errors import ConflictError, InvalidInput, NotFoundError
 from gateway.errors import APIError
+from gateway.registry.db import PromptRow, utcnow
+from gateway.registry.db import database_url as engine_url
 from gateway.registry.store import PromptRegistry
 from tests.conftest import LiveServer, gateway_settings
 from trainer.lora import random_lora
@@ -21,8 +29,8 @@ TEMPLATE = [{"role": "user", "content": "Q: {query}"}]
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[PromptRegistry]:
-    registry = PromptRegistry(f"sqlite:///{tmp_path / 'registry.db'}")
+def registry(database_url: str) -> Iterator[PromptRegistry]:
+    registry = PromptRegistry(database_url)
     yield registry
     registry.close()
 
@@ -57,9 +65,9 @@ def test_the_registry_raises_domain_errors(registry: PromptRegistry) -> None:
         assert not isinstance(caught.value, APIError)  # the data layer knows nothing of HTTP
 
 
-def test_concurrent_allocations_are_unique_and_contiguous(tmp_path: Path) -> None:
-    """Two registries on one SQLite file (two replicas) and 16 threads: no error, no gap, no duplicate."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_concurrent_allocations_are_unique_and_contiguous(database_url: str, tmp_path: Path) -> None:
+    """Two registries on one database (two replicas) and 16 threads: no error, no gap, no duplicate."""
+    url = database_url
     replicas = [PromptRegistry(url), PromptRegistry(url)]
     store = AdapterStore(tmp_path / "adapters")
     (store.root / "p" / "v1").mkdir(parents=True)  # written by `promptintern train`, outside the registry
@@ -95,6 +103,151 @@ def test_allocation_rises_above_folders_that_appear_later(registry: PromptRegist
     (store.root / "p" / "v7-notes.txt").write_text("not a version folder")
     assert registry.allocate_version("p", "training", "train", store) == 6
     assert registry.get_version("p", 6).status == "training"
+
+
+def test_timestamps_and_json_read_back_as_written(registry: PromptRegistry) -> None:
+    """Every timestamp comes back aware UTC, whatever the backend keeps (SQLite: no zone; the test PostgreSQL
+    server: its local time zone, not UTC), and JSON columns come back equal, nesting and all."""
+    template = [{"role": "system", "content": "Réponds en français ✓"}, {"role": "user", "content": "{query}"}]
+    examples = [{"query": "q1", "answer": "a1"}, {"query": "ünï", "answer": "ok"}]
+    before = utcnow()
+    registry.create("p", "chat", template, examples)
+    version = registry.allocate_version("p", "loading", "upload")
+    registry.update_version("p", version, status="ready", manifest={"base": {"layers": [1, 2]}, "score": 0.5})
+    job = registry.create_job("p", {"rows": [{"q": "x"}], "epochs": 2})
+    after = utcnow()
+
+    record = registry.get("p")
+    read_job = registry.get_job(job.id)
+    assert read_job is not None
+    for stamp in [record.created, record.versions[0].created, read_job.created, record.jobs[0].created]:
+        assert stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
+        assert before <= stamp <= after
+    assert job.created == read_job.created  # as returned when written, so POST and GET agree
+    assert (record.template, record.examples) == (template, examples)
+    assert record.versions[0].manifest == {"base": {"layers": [1, 2]}, "score": 0.5}
+    assert read_job.spec == {"rows": [{"q": "x"}], "epochs": 2}
+    with Session(registry.engine) as s, pytest.raises(StatementError, match="naive datetime"):
+        s.add(PromptRow(name="q", kind="chat", template=[], examples=[], created_at=utcnow().replace(tzinfo=None)))
+        s.flush()  # a naive time is refused, never stored as if it were UTC (or the server's zone)
+
+
+def test_job_ids_are_never_given_twice(registry: PromptRegistry) -> None:
+    """Deleting a prompt deletes its jobs; the ids they had are not handed out again."""
+    registry.create("p", "chat", TEMPLATE, [])
+    ids = [registry.create_job("p", {"n": i}).id for i in range(3)]
+    registry.delete("p")
+    registry.create("p", "chat", TEMPLATE, [])
+    again = registry.create_job("p", {"n": 3})
+    assert again.id > max(ids) and len(set(ids)) == 3
+    assert registry.get_job(ids[-1]) is None
+
+
+def test_the_change_log_names_what_changed_since_a_revision(registry: PromptRegistry) -> None:
+    start = registry.revision()
+    assert registry.changes_since(start).prompts == frozenset()
+    registry.create("a", "chat", TEMPLATE, [])
+    registry.create("b", "chat", TEMPLATE, [])
+    after_create = registry.revision()
+    assert after_create == start + 2
+    version = registry.allocate_version("a", "loading", "upload")
+    registry.update_version("a", version, status="ready")
+    registry.mark_changed("b")
+    changes = registry.changes_since(after_create)
+    assert changes == type(changes)(after_create + 3, frozenset({"a", "b"}))
+    registry.delete("b")
+    assert registry.changes_since(changes.revision).prompts == frozenset({"b"})
+    assert registry.changes_since(start).prompts == frozenset({"a", "b"})
+    assert registry.changes_since(registry.revision()).prompts == frozenset()
+
+
+def test_a_reader_following_concurrent_writers_never_sees_a_gap(database_url: str) -> None:
+    """Writers on two registries (two replicas) commit revisions in the order they took them, so a reader
+    polling all along never finds a revision committed before an earlier one (which it would miss)."""
+    writers = [PromptRegistry(database_url), PromptRegistry(database_url)]
+    reader = PromptRegistry(database_url)
+    per_thread, threads = 6, 8
+    done = threading.Event()
+    seen: set[str] = set()
+    gaps: list[int] = []
+
+    def follow() -> None:
+        applied = reader.revision()
+        while True:
+            finished = done.is_set()  # read before polling: the poll after the writers finished sees everything
+            changes = reader.changes_since(applied)
+            if changes.prompts is None:
+                gaps.append(applied)
+            else:
+                seen.update(changes.prompts)
+            applied = changes.revision
+            if finished:
+                return
+
+    def write(i: int) -> list[int]:
+        registry = writers[i % 2]
+        for j in range(per_thread):
+            registry.create(f"p{i}-{j}", "chat", TEMPLATE, [])
+            registry.allocate_version(f"p{i}-{j}", "loading", "upload")
+        return []
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        run_together(threads, write)
+    finally:
+        done.set()
+        follower.join(120)
+    assert not gaps
+    assert seen == {f"p{i}-{j}" for i in range(threads) for j in range(per_thread)}
+    assert reader.revision() == 2 * threads * per_thread
+    for registry in [*writers, reader]:
+        registry.close()
+
+
+def test_postgres_urls_without_a_driver_mean_psycopg(postgresql: Any) -> None:
+    for given in ("postgres://u:p@db.example:5432/reg", "postgresql://u:p@db.example:5432/reg"):
+        url = engine_url(given)
+        assert (url.drivername, url.host, url.database) == ("postgresql+psycopg", "db.example", "reg")
+    plain = postgresql.create_database().replace("postgresql+psycopg://", "postgresql://")
+    registry = PromptRegistry(plain)  # opens with psycopg 3, the driver installed
+    try:
+        registry.create("p", "chat", TEMPLATE, [])
+        assert registry.engine.dialect.driver == "psycopg" and registry.get("p").name == "p"
+    finally:
+        registry.close()
+
+
+def test_the_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "registry.db"
+    registry = PromptRegistry(f"sqlite:///{path}")
+    try:
+        registry.create("p", "chat", TEMPLATE, [])  # a write: the -wal and -shm files exist now
+        files = [path, path.with_name("registry.db-wal"), path.with_name("registry.db-shm")]
+        assert all(f.exists() for f in files)
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        registry.close()
+
+    path.chmod(0o644)  # a file an older release left readable by all: narrowed at the next start
+    PromptRegistry(f"sqlite:///{path}").close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_deleted_prompts_rows_go_with_it_on_every_backend(registry: PromptRegistry, database_url: str) -> None:
+    """Foreign keys cascade on both backends (SQLite needs them switched on for each connection)."""
+    registry.create("p", "chat", TEMPLATE, [])
+    registry.allocate_version("p", "loading", "upload")
+    registry.create_job("p", {})
+    registry.delete("p")
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            counts = [connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                      for table in ("prompts", "adapter_versions", "train_jobs")]
+    finally:
+        engine.dispose()
+    assert counts == [0, 0, 0]
 
 
 # -- over HTTP: two gateway replicas and a training runner on one database ----------------------------------
