@@ -6,7 +6,7 @@ of two up to `ANCHOR_CHARS`, so the distinct cuts, and with them the look-ups a 
 few however many templates there are). A request computes its own key once per cut shape, looks
 up the candidates, and checks only those, best candidate first. A candidate found under its key
 already equals the request in every message without slots (the look-up compared them), so only its
-messages with slots are read with `MessageTemplate.match`.
+messages with slots are read (`MessageTemplate.match`'s reading, worked out once per template).
 
 Readers take one immutable generation of the index and never lock; writers build the next one and
 swap it in. Buckets are spread by hash over 64 x 64 small dicts, and a change copies only the leaf it

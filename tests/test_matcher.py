@@ -380,6 +380,19 @@ def test_the_index_finds_what_reading_every_template_finds(data: st.DataObject) 
         assert found.template is registered[found.name]
 
 
+@PROPERTY
+@given(st.data())
+def test_the_compiled_reading_of_a_message_is_its_own(data: st.DataObject) -> None:
+    from gateway.matcher import _Reader
+
+    template = data.draw(templates())
+    message = data.draw(st.sampled_from([m for m in template.messages if not m.is_static]))
+    text = data.draw(st.text(alphabet="ab:. \n{}c", max_size=30))
+    if data.draw(st.booleans()):  # a rendering with unfiltered values, ambiguous ones included
+        text = message.render({name: data.draw(VALUE) for name in message.slots})
+    assert _Reader(message).read(text) == message.match(text)
+
+
 @given(st.text(alphabet="a \t\r\n\x0b\u00a0", max_size=12))
 def test_request_normalisation_is_the_templates_own(text: str) -> None:
     from gateway.matcher import _normalize
