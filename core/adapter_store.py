@@ -1,4 +1,10 @@
-"""The adapter store on disk: `<ADAPTER_DIR>/<prompt>/v<N>/`, always written atomically."""
+"""The adapter store on disk: `<ADAPTER_DIR>/<prompt>/v<N>/`, always written atomically.
+
+A version is written into a hidden staging folder beside its final place, synced to disk (files and folder), and
+renamed into place. Several replicas share the store (one volume), so a staging folder's name says who writes it
+(host and process id): a replica removes leftovers of its own host's dead processes, and another's only once
+nothing in them has changed for `STAGING_MAX_AGE_S` (their modification times are the writer's heartbeat).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +23,8 @@ from core.errors import InvalidAdapter
 
 TMP_PREFIX = ".tmp-"
 VERSION_DIR = re.compile(r"v(\d+)")
+STAGING_NAME = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)\.(?P<pid>\d+)-")
+STAGING_MAX_AGE_S = 3600.0  # a staging folder untouched this long is abandoned, whoever wrote it
 
 
 def version_dirs(prompt_dir: Path) -> list[tuple[int, Path]]:
@@ -32,6 +42,75 @@ def next_version_dir(prompt_dir: Path) -> Path:
     return prompt_dir / f"v{versions[-1][0] + 1 if versions else 1}"
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def make_staging_dir(parent: Path, label: str) -> Path:
+    """A fresh hidden folder in `parent` (same filesystem as the final folder: the rename is atomic), named after
+    its writer: `.tmp-<host>.<pid>-<label>-<random>`."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{_host()}.{os.getpid()}-{label}-", dir=parent))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(staging: Path, final: Path) -> Path:
+    """Sync every file of `staging` and the folder itself, rename it to `final` (never over an existing one) and
+    sync the parent, so a published version survives a power cut whole or not at all."""
+    for folder, _, files in os.walk(staging):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; adapter versions are never overwritten")
+    os.rename(staging, final)
+    _fsync(final.parent)
+    return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _last_touched(folder: Path) -> float:
+    """The newest modification time of a folder and everything in it: its writer's heartbeat."""
+    newest = folder.stat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, (Path(root) / name).stat().st_mtime)
+    return newest
+
+
+def staging_abandoned(folder: Path, max_age_s: float = STAGING_MAX_AGE_S, now: float | None = None) -> bool:
+    """Whether a staging folder can go: its writer, a process of this host, is gone; or (another host's, or a
+    name without an owner) nothing in it changed for `max_age_s`. A live writer's folder (this process's too)
+    stays."""
+    owner = STAGING_NAME.match(folder.name)
+    if owner is not None and owner["host"] == _host():
+        pid = int(owner["pid"])
+        if pid != os.getpid() and not _pid_alive(pid):
+            return True
+    try:
+        age = (time.time() if now is None else now) - _last_touched(folder)
+    except OSError:
+        return False  # removed meanwhile
+    return age > max_age_s
+
+
 class AdapterStore:
     """Folders that vLLM and the embedded engine read; a folder appears whole or not at all."""
 
@@ -43,10 +122,8 @@ class AdapterStore:
         return self.root / prompt / f"v{version}"
 
     def staging_dir(self, prompt: str, version: int) -> Path:
-        """A fresh temporary folder beside the final one (same filesystem, so rename is atomic)."""
-        parent = self.root / prompt
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}v{version}-", dir=parent))
+        """A fresh staging folder beside the final one, named after this process (`make_staging_dir`)."""
+        return make_staging_dir(self.root / prompt, f"v{version}")
 
     def highest_version(self, prompt: str) -> int:
         """The largest `v<N>` folder of a prompt (the trainer's CLI writes versions outside the registry);
@@ -55,11 +132,8 @@ class AdapterStore:
         return versions[-1][0] if versions else 0
 
     def publish(self, staging: Path, prompt: str, version: int) -> Path:
-        final = self.version_dir(prompt, version)
-        if final.exists():
-            raise FileExistsError(f"{final} already exists; adapter versions are never overwritten")
-        os.replace(staging, final)
-        return final
+        """Sync the staging folder and rename it to `<prompt>/v<version>` (`publish_dir`)."""
+        return publish_dir(staging, self.version_dir(prompt, version))
 
     def remove_prompt(self, prompt: str, versions: list[int]) -> None:
         """Remove the registry's versions of a prompt (and staging leftovers); folders written by hand stay."""
@@ -74,9 +148,10 @@ class AdapterStore:
     def remove_version(self, prompt: str, version: int) -> None:
         shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)
 
-    def remove_staging_leftovers(self) -> list[Path]:
-        """Half-written folders from a crash or restart (hidden names): never loaded, removed at start-up."""
-        leftovers = [p for p in self.root.glob("*/.*") if p.is_dir()]
+    def remove_staging_leftovers(self, max_age_s: float = STAGING_MAX_AGE_S) -> list[Path]:
+        """Half-written folders (hidden names) whose writer is gone (`staging_abandoned`): never loaded, removed
+        at start-up. Other replicas' folders being written stay."""
+        leftovers = [p for p in self.root.glob("*/.*") if p.is_dir() and staging_abandoned(p, max_age_s)]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers

@@ -1,4 +1,4 @@
-"""The `promptintern` command: serve, model, admin-key, prompts, train, bench."""
+"""The `promptintern` command: serve, worker, model, admin-key, prompts, train, bench."""
 
 from __future__ import annotations
 
@@ -49,6 +49,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run training jobs from the registry without serving, until SIGTERM or Ctrl-C (a job in progress is handed
+    back, queued again for the next runner)."""
+    import asyncio
+    import logging
+
+    settings = _settings()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_work(settings))
+    return 0
+
+
+async def _work(settings: Settings) -> None:
+    import asyncio
+    import logging
+    import signal
+
+    from core.adapter_store import AdapterStore
+    from core.basemodel import base_model_dir
+    from gateway.jobs import JobRunner
+    from gateway.registry.store import PromptRegistry
+
+    log = logging.getLogger("promptintern.worker")
+    await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
+    model_dir = await asyncio.to_thread(base_model_dir, settings)
+    registry = await asyncio.to_thread(PromptRegistry, settings.resolved_database_url)
+    store = await asyncio.to_thread(AdapterStore, settings.adapter_dir)
+    for path in await asyncio.to_thread(store.remove_staging_leftovers):
+        log.warning("removed a half-written adapter folder: %s", path)
+
+    async def no_one_to_tell() -> None:
+        """Serving replicas learn of new versions from the registry's change log."""
+
+    # No engine here: a trained version is checked and marked ready; serving replicas load it when they see it.
+    runner = JobRunner(settings, registry, store, model_dir, activate=None, versions_changed=no_one_to_tell,
+                       claim_jobs=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await runner.start()
+    log.info("worker %s: running training jobs from the registry (adapters in %s)", runner.owner, store.root)
+    try:
+        await stop.wait()
+        log.info("worker %s stopping", runner.owner)
+    finally:
+        await runner.close()
+        await asyncio.to_thread(registry.close)
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -249,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", choices=["embedded", "vllm"], help="engine (default PROMPTINTERN_ENGINE)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="run training jobs from the registry without serving (a dedicated training machine)",
+        description="Claims queued training jobs from the registry (DATABASE_URL), one at a time, under a fenced "
+                    "lease, trains them with the base model (BASE_MODEL) and publishes each version into the "
+                    "adapter store (ADAPTER_DIR, shared with the gateways) as ready: serving replicas load it when "
+                    "they see the change. A job whose runner dies is taken over once its lease "
+                    "(JOB_LEASE_SECONDS) runs out. SIGTERM hands a job in progress back. Set "
+                    "PROMPTINTERN_TRAIN_IN_GATEWAY=false on the gateways to leave training to workers.")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=cmd_worker)
 
     model = sub.add_parser("model", help="materialise the base model (once) and print its folder")
     model.set_defaults(func=cmd_model)

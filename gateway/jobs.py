@@ -1,14 +1,23 @@
-"""Training jobs started from the registry: one runner per database, each job in its own process.
+"""Training jobs from the registry: each runner trains one job at a time, under that job's fenced lease.
 
-The runner holds a lease row (with a heartbeat), so with several gateway replicas on one
-database only one trains at a time; jobs run in the order they were queued. A job runs in a
-spawned child process, so the gateway keeps serving while it trains. A job whose runner died
-(gateway restart, crash) is marked interrupted and queued again once; its half-written adapter
-folder never becomes visible (the trainer renames a finished folder into place).
+A runner claims a job (the oldest queued one, or one left `running` under a lease that ran out: its runner died)
+by a compare-and-set that gives it a fresh random token (`PromptRegistry.claim_job`). Every later write it makes
+for the job (the version it allocates, its progress, the version's publication, the job's end) matches that token,
+and a background task renews the lease while the job trains, activates and publishes. A runner whose renewal or
+write finds the token gone (another runner took the job over, or the prompt was deleted) has lost the job: it stops
+the training process and publishes nothing. A takeover fails the dead runner's unfinished version in the same
+transaction and trains a new one, at most MAX_ATTEMPTS starts in all, so each job publishes at most one version.
 
-`trainer.jobspec` is the gateway's only way into the trainer: a `TrainData` validated at submission
-and queued here, a `JobSpec` handed to the training process, a `TrainResult` (adapter folder and
-manifest) back.
+The training process dies with the process that started it (`trainer.jobspec.die_with_parent`): a runner killed
+mid-job leaves no trainer behind to compete with the one that takes the job over.
+
+There is no runner lease per database any more (the old `runner_lease` table is unused): it would cap a deployment
+at one training at a time, also with several GPU workers, and fenced per-job leases already keep each job to one
+runner. Concurrency is the number of runners: each process trains at most one job, and `TRAIN_IN_GATEWAY=false`
+keeps gateway replicas from training where dedicated `promptintern worker` processes do.
+
+`trainer.jobspec` is the gateway's only way into the trainer: a `TrainData` validated at submission and queued
+here, a `JobSpec` handed to the training process, a `TrainResult` (adapter folder and manifest) back.
 """
 
 from __future__ import annotations
@@ -30,19 +39,19 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from core.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore, read_adapter_config
 from core.config import Settings
+from core.errors import InvalidAdapter, NotFoundError
 from core.templates import PromptTemplate
 from gateway.prompts.protocol import TrainSpec
-from gateway.registry.db import utcnow
-from gateway.registry.store import JobRecord, PromptRegistry
+from gateway.registry.store import JobLease, JobRecord, PromptRegistry
 from trainer import jobspec
 from trainer.jobspec import ChildMessage, JobSpec, TrainData, TrainResult
 
 log = logging.getLogger(__name__)
-LEASE_TTL = timedelta(seconds=30)
-POLL_S = 1.0
-MAX_ATTEMPTS = 2  # a job interrupted once is queued again once
+POLL_S = 1.0  # how often an idle runner looks for a job
+PROGRESS_EVERY_S = 1.0  # the newest progress is written at most this often
+MAX_ATTEMPTS = 2  # a job whose runner died once is taken over once
 
 ActivateVersion = Callable[[str, int, Path, dict[str, Any]], Awaitable[bool]]
 """Load, warm and route to a finished version (prompt, version, adapter folder, manifest); False if it failed."""
@@ -78,11 +87,13 @@ class _Child:
 
 def _start_child(spec: JobSpec, name: str) -> _Child:
     """Blocking: spawn the training process (this may start multiprocessing's resource tracker, and writes the
-    child's start-up data through a pipe)."""
+    child's start-up data through a pipe). The child ends with this process however this one ends
+    (`run_in_child`'s `parent_pid`); `daemon` only has a normal interpreter exit stop it too."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=jobspec.run_in_child,
-                              args=(spec.model_dump(mode="json"), _PipeSender(sender)), name=name, daemon=True)
+                              args=(spec.model_dump(mode="json"), _PipeSender(sender), os.getpid()), name=name,
+                              daemon=True)
     try:
         process.start()
     finally:
@@ -131,17 +142,79 @@ def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> TrainData:
                                        eval_fraction=spec.eval_fraction, param="train")
 
 
+class _HeldLease:
+    """A claimed job's lease, kept alive by a background task that also writes the newest progress (at most once
+    per PROGRESS_EVERY_S, never dropping the latest). `lost` is set once the lease is no longer this runner's: a
+    renewal matched no row, or none succeeded within the lease's time to live (another runner may hold it)."""
+
+    def __init__(self, registry: PromptRegistry, lease: JobLease, ttl: timedelta) -> None:
+        self.registry = registry
+        self.job_id = lease.job.id
+        self.token = lease.token
+        self.ttl = ttl
+        self.lost = asyncio.Event()
+        self._progress: dict[str, Any] | None = None  # newest, not yet written
+        self._task: asyncio.Task[None] | None = None
+
+    def report(self, progress: dict[str, Any]) -> None:
+        self._progress = progress
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep(), name=f"lease of job {self.job_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _keep(self) -> None:
+        ttl_s = self.ttl.total_seconds()
+        tick = min(PROGRESS_EVERY_S, ttl_s / 4)
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self._progress is None and now - renewed < ttl_s / 3:
+                continue
+            progress, self._progress = self._progress, None
+            try:
+                held = await asyncio.to_thread(self.registry.renew_job_lease, self.job_id, self.token, self.ttl,
+                                               progress)
+            except Exception:
+                log.exception("renewing the lease of training job %d failed", self.job_id)
+                if self._progress is None:
+                    self._progress = progress  # write it with the next renewal
+                if time.monotonic() - renewed >= ttl_s:
+                    log.error("training job %d: no renewal for the lease's lifetime; giving the job up", self.job_id)
+                    self.lost.set()
+                    return
+                continue
+            if not held:
+                log.warning("training job %d is no longer this runner's (taken over or deleted)", self.job_id)
+                self.lost.set()
+                return
+            renewed = now
+
+
 class JobRunner:
-    """Runs queued training jobs one at a time while this replica holds the runner lease."""
+    """Claims training jobs from the registry and runs them one at a time, each in its own process."""
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, base_model_dir: Path, *,
-                 activate: ActivateVersion, versions_changed: Callable[[], Awaitable[None]]) -> None:
+                 activate: ActivateVersion | None, versions_changed: Callable[[], Awaitable[None]],
+                 claim_jobs: bool | None = None, lease_ttl: timedelta | None = None) -> None:
+        """`activate`: loads a finished version into this process's engine and routes to it (a gateway); None
+        (a worker): the checked version is marked ready and serving replicas load it when they see the change.
+        `claim_jobs` (default: the TRAIN_IN_GATEWAY setting) False: this runner takes no jobs, it only queues
+        them; `lease_ttl` (default: JOB_LEASE_SECONDS)."""
         self.settings = settings
         self.registry = registry
         self.store = store
         self.base_model_dir = base_model_dir
         self._activate = activate
         self._versions_changed = versions_changed  # a version was added or failed: refresh what depends on it
+        self.claim_jobs = settings.train_in_gateway if claim_jobs is None else claim_jobs
+        self.lease_ttl = lease_ttl if lease_ttl is not None else timedelta(seconds=settings.job_lease_seconds)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._task: asyncio.Task[None] | None = None
         self._child: _Child | None = None
@@ -150,15 +223,21 @@ class JobRunner:
         self._stopping = asyncio.Lock()  # DELETE and the job's own ending may both stop the child
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="job-runner")
+        if self.claim_jobs:
+            self._task = asyncio.create_task(self._loop(), name="job-runner")
 
     async def close(self) -> None:
+        """Stop: a job in progress is stopped and handed back (queued again) for another runner."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         await self._stop_child()
-        await asyncio.to_thread(self.registry.release_lease, self.owner)
+
+    async def run_forever(self) -> None:
+        """Claim and run jobs until cancelled (a worker's whole life)."""
+        await self._loop()
 
     @property
     def running_job(self) -> int | None:
@@ -166,7 +245,7 @@ class JobRunner:
         return self._running_job
 
     async def submit(self, name: str, data: TrainData) -> JobRecord:
-        """Queue a job (validated data) and wake the loop; jobs run in the order they were queued."""
+        """Queue a job (validated data) and wake the loop; jobs are claimed in the order they were queued."""
         job = await asyncio.to_thread(self.registry.create_job, name, data.model_dump(mode="json"))
         self._wake.set()
         return job
@@ -192,12 +271,10 @@ class JobRunner:
     async def _loop(self) -> None:
         while True:
             try:
-                if await asyncio.to_thread(self.registry.acquire_lease, self.owner, LEASE_TTL):
-                    await asyncio.to_thread(self._recover_interrupted)
-                    job = await asyncio.to_thread(self.registry.next_queued_job)
-                    if job is not None:
-                        await self._run(job)
-                        continue
+                lease = await asyncio.to_thread(self.registry.claim_job, self.owner, self.lease_ttl, MAX_ATTEMPTS)
+                if lease is not None:
+                    await self._run(lease)
+                    continue
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -206,41 +283,43 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
 
-    def _recover_interrupted(self) -> None:
-        """Jobs marked running while this runner holds the lease and runs nothing: their runner died."""
-        for job in self.registry.running_jobs():
-            if job.id == self._running_job:
-                continue
-            if job.version is not None:
-                with contextlib.suppress(Exception):
-                    self.registry.update_version(job.prompt, job.version, status="failed",
-                                                 error="interrupted: the training runner stopped")
-            again = job.attempts < MAX_ATTEMPTS
-            log.warning("training job %d of %s was interrupted; %s", job.id, job.prompt,
-                        "queued again" if again else "giving up")
-            self.registry.update_job(job.id, status="queued" if again else "interrupted",
-                                     error="interrupted: the training runner stopped" + (
-                                         "; queued again" if again else ""), finished_at=None if again else utcnow())
-
-    async def _run(self, job: JobRecord) -> None:
+    async def _run(self, lease: JobLease) -> None:
+        job = lease.job
+        if lease.taken_over:
+            log.warning("training job %d of %s: its runner stopped; taken over (start %d of at most %d)", job.id,
+                        job.prompt, job.attempts, MAX_ATTEMPTS)
+            await self._versions_changed()  # the stopped runner's version was failed
+        held = _HeldLease(self.registry, lease, self.lease_ttl)
+        held.start()
         self._running_job = job.id
+        finished = False
         try:
-            await self._train(job)
+            await self._train(job, held)
+            finished = True
         finally:
+            await held.stop()
             self._running_job = None
+            if not finished and not held.lost.is_set():  # stopped (shutdown) or failed unexpectedly: hand it back
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.to_thread(
+                        self.registry.release_job, job.id, held.token, "its training runner stopped; queued again"))
 
-    async def _train(self, job: JobRecord) -> None:
+    async def _train(self, job: JobRecord, held: _HeldLease) -> None:
         """Train one job in a child process, relay its progress, then publish or fail its version."""
         try:
             data = TrainData.model_validate(job.spec)
         except ValidationError as exc:  # written by another release of the gateway, perhaps
-            await asyncio.to_thread(self.registry.update_job, job.id, status="failed", finished_at=utcnow(),
+            await asyncio.to_thread(self.registry.finish_job, job.id, held.token, status="failed",
                                     error=f"the queued job's data is not readable: {exc}")
             return
-        record = await asyncio.to_thread(self.registry.get, job.prompt)
-        version = await asyncio.to_thread(self.registry.allocate_version, job.prompt, "training", "train", self.store)
-        await asyncio.to_thread(self.registry.update_job, job.id, status="running", started_at=utcnow(),
-                                version=version, attempts=job.attempts + 1, progress={"phase": "starting"})
+        try:
+            record = await asyncio.to_thread(self.registry.get, job.prompt)
+        except NotFoundError:
+            return  # deleted meanwhile, its jobs with it
+        version = await asyncio.to_thread(self.registry.allocate_job_version, job.id, held.token, job.prompt,
+                                          self.store)
+        if version is None:
+            return  # no longer this runner's
         await self._versions_changed()
         spec = JobSpec(
             prompt=job.prompt, kind=record.kind, template=record.template, examples=record.examples,
@@ -252,55 +331,76 @@ class JobRunner:
         log.info("training job %d: %s version %d", job.id, job.prompt, version)
         self._child = await _spawn(spec, f"train-{job.id}")
         try:
-            outcome = await self._follow(job, self._child)
+            outcome = await self._follow(self._child, held)
         finally:
             await self._stop_child()
             self._child = None
-        await self._finish(job, version, spec.out_dir, outcome)
+        await self._finish(job, held, version, spec.out_dir, outcome)
 
-    async def _follow(self, job: JobRecord, child: _Child) -> tuple[str, Any]:
-        """Relay progress into the job row and keep the lease alive until the child reports."""
-        last_write = 0.0
-        kind: str
-        body: Any
+    async def _follow(self, child: _Child, held: _HeldLease) -> tuple[str, Any]:
+        """Hand the child's progress to the lease keeper until the child reports its end or the lease is lost."""
         while True:
+            if held.lost.is_set():
+                return "lost", None
             message = await asyncio.to_thread(_receive, child, POLL_S)
-            if message is not None:
-                kind, body = message
-            elif not child.process.is_alive():
-                return "error", f"the training process exited with code {child.process.exitcode}"
-            else:
-                kind, body = "tick", None
+            if message is None:
+                if not child.process.is_alive():
+                    return "error", f"the training process exited with code {child.process.exitcode}"
+                continue
+            kind, body = message
             if kind == "done":
                 return kind, TrainResult.model_validate(body)
             if kind == "error":
                 return kind, body
-            now = time.monotonic()
-            if now - last_write >= POLL_S:
-                last_write = now
-                await asyncio.to_thread(self.registry.acquire_lease, self.owner, LEASE_TTL)
-                if kind == "progress":
-                    await asyncio.to_thread(self.registry.update_job, job.id, progress=body)
-                if await asyncio.to_thread(self.registry.get_job, job.id) is None:
-                    return "cancelled", None  # the prompt was deleted
+            held.report(body)
 
-    async def _finish(self, job: JobRecord, version: int, out_dir: Path, outcome: tuple[str, Any]) -> None:
+    async def _finish(self, job: JobRecord, held: _HeldLease, version: int, out_dir: Path,
+                      outcome: tuple[str, Any]) -> None:
+        """Publish the trained version, or fail it; every write under the job's token. A runner that lost the
+        job writes nothing and removes the folder its training wrote (a version number no one else uses)."""
         kind, body = outcome
-        if await asyncio.to_thread(self.registry.get_job, job.id) is None:
-            kind = "cancelled"
-        if kind == "cancelled":
-            await asyncio.to_thread(self.store.remove_prompt, job.prompt, [version])  # if it was written anyway
-            return
         if kind == "error":
             log.error("training job %d of %s failed: %s", job.id, job.prompt, body)
-            await asyncio.to_thread(self.registry.update_version, job.prompt, version, status="failed",
-                                    error=str(body))
-            await asyncio.to_thread(self.registry.update_job, job.id, status="failed", error=str(body),
-                                    finished_at=utcnow())
-            await self._versions_changed()
+            await self._end(job, held, version, status="failed", error=str(body), version_status="failed")
+            return
+        if kind == "lost":
+            await self._drop(job, version, "its lease was lost")
             return
         result: TrainResult = body
-        ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)
-        await asyncio.to_thread(self.registry.update_job, job.id, status="succeeded" if ok else "failed",
-                                error=None if ok else "the trained adapter did not load", finished_at=utcnow(),
-                                progress={"phase": "done"})
+        try:
+            await asyncio.to_thread(read_adapter_config, result.adapter_dir, self.settings.max_lora_rank)
+        except InvalidAdapter as exc:
+            await self._end(job, held, version, status="failed", error=f"the trained adapter is unusable: {exc}",
+                            version_status="failed")
+            return
+        if held.lost.is_set() or not await asyncio.to_thread(
+                self.registry.stage_job_version, job.id, held.token, str(result.adapter_dir), result.manifest):
+            await self._drop(job, version, "its lease was lost before publication")
+            return
+        await self._versions_changed()
+        ok = True
+        if self._activate is not None:  # loads it here and marks it ready (or failed, saying why)
+            ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)
+        if ok:
+            await self._end(job, held, version, status="succeeded", progress={"phase": "done"},
+                            version_status="ready", drop_on_loss=self._activate is None)
+        else:
+            await self._end(job, held, version, status="failed", error="the trained adapter did not load",
+                            version_status=None, drop_on_loss=False)
+
+    async def _end(self, job: JobRecord, held: _HeldLease, version: int, *, status: str, error: str | None = None,
+                   progress: dict[str, Any] | None = None, version_status: str | None,
+                   drop_on_loss: bool = True) -> None:
+        ended = not held.lost.is_set() and await asyncio.to_thread(
+            self.registry.finish_job, job.id, held.token, status=status, error=error, progress=progress,
+            version_status=version_status, version_error=error if version_status == "failed" else None)
+        if ended:
+            await self._versions_changed()
+        elif drop_on_loss:
+            await self._drop(job, version, "its lease was lost")
+        else:
+            log.error("training job %d of %s: its lease was lost after activation", job.id, job.prompt)
+
+    async def _drop(self, job: JobRecord, version: int, why: str) -> None:
+        log.warning("training job %d of %s: %s; version %d is not published", job.id, job.prompt, why, version)
+        await asyncio.to_thread(self.store.remove_version, job.prompt, version)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from core.adapter_store import AdapterStore, next_version_dir, version_dirs
+from core.adapter_store import (
+    STAGING_MAX_AGE_S,
+    STAGING_NAME,
+    AdapterStore,
+    next_version_dir,
+    staging_abandoned,
+    version_dirs,
+)
 from gateway.registry.store import PromptRegistry
 
 
@@ -45,13 +56,41 @@ def test_publish_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
         store.publish(again, "p", 1)
 
 
-def test_leftovers_and_deletion(tmp_path: Path) -> None:
+def test_a_replica_removes_only_abandoned_staging_folders(tmp_path: Path) -> None:
+    """Several replicas share the store: a staging folder goes when its writer (a process of this host) is dead,
+    or when nothing in it changed for STAGING_MAX_AGE_S; a live writer's stays, whoever it is."""
     store = AdapterStore(tmp_path)
-    half = store.staging_dir("p", 3)  # a crash in the middle of writing
-    (store.root / "p" / ".v4-tmp-x").mkdir()  # the trainer's staging name
+    mine = store.staging_dir("p", 1)  # this process is writing it
+    owner = STAGING_NAME.match(mine.name)
+    assert owner is not None and int(owner["pid"]) == os.getpid()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    folder = store.root / "p"
+    dead_writer = folder / f".tmp-{owner['host']}.{int(ended.stdout)}-v2-abc"  # a crash of this host's replica
+    elsewhere = folder / ".tmp-otherhost.42-v3-abc"  # another host's replica, writing now
+    abandoned = folder / ".tmp-otherhost.43-v4-abc"  # another host's, untouched for two hours
+    heartbeat = folder / ".tmp-otherhost.44-v5-abc"  # an old folder whose writer just wrote a file into it
+    legacy = folder / ".v6-tmp-x"  # an older release's name, no owner: only its age counts
+    for path in (dead_writer, elsewhere, abandoned, heartbeat, legacy):
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"x")
+    two_hours_ago = time.time() - 2 * STAGING_MAX_AGE_S
+    for path in (abandoned, abandoned / "adapter_model.safetensors", heartbeat):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    (store.root / "p" / "v1").mkdir()
+    removed = store.remove_staging_leftovers()
+    assert sorted(p.name for p in removed) == sorted([dead_writer.name, abandoned.name])
+    assert not dead_writer.exists() and not abandoned.exists()
+    assert mine.is_dir() and elsewhere.is_dir() and heartbeat.is_dir() and legacy.is_dir()
+    assert (store.root / "p" / "v1").is_dir()
+    assert staging_abandoned(legacy, max_age_s=0, now=time.time() + 1)  # once old enough, anyone's goes
+
+
+def test_deletion_removes_the_registrys_versions_and_staging(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.staging_dir("p", 3)
     (store.root / "p" / "v1").mkdir()
     (store.root / "p" / "v2").mkdir()
-    assert sorted(p.name for p in store.remove_staging_leftovers()) == sorted([half.name, ".v4-tmp-x"])
     store.remove_prompt("p", [2])
     assert (store.root / "p" / "v1").is_dir() and not (store.root / "p" / "v2").exists()
     store.remove_prompt("p", [1])

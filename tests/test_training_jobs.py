@@ -1,4 +1,6 @@
-"""Training started from the registry: REST job end to end, status transitions, bad input, restart.
+"""Training started from the registry: REST job end to end, status transitions, progress, bad input, delete.
+
+Leases and takeovers: tests/test_job_leases.py; a replica killed mid-training: tests/test_job_kill.py.
 
 Every test stands alone: those that need a trained version share one module fixture, and assert
 against the version that is active when they start, not against what earlier tests left.
@@ -15,12 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.adapter_store import AdapterStore
-from core.config import Settings
 from gateway.jobs import JobRunner
-from gateway.registry.store import PromptRegistry
 from tests.conftest import LiveServer, gateway_settings
-from trainer.jobspec import TrainData
 
 TEMPLATE = [
     {"role": "system", "content": "Translate to bash.\nInput: list files\nOutput: ls"},
@@ -178,6 +176,31 @@ def test_malformed_server_side_file_is_422(server: LiveServer, untrained: str) -
     assert r.status_code == 422 and "line 2" in r.json()["error"]["message"]
 
 
+def test_progress_shows_while_a_job_runs(server: LiveServer) -> None:
+    """The job object shows where training stands (stage, step, loss, time left) before the job ends."""
+    slow = {**SCHEDULE, "steps_per_stage": [200, 200, 200, 200]}
+    with server.admin() as admin:
+        r = admin.post("/v1/prompts", json={"name": "watched", "messages": TEMPLATE,
+                                            "train": {"data": ROWS, "schedule": slow, "eval_fraction": 0}})
+        assert r.status_code == 201, r.text
+        seen: list[dict[str, Any]] = []
+
+        def training_steps() -> list[dict[str, Any]] | None:
+            job = admin.get("/v1/prompts/watched").json()["job"]
+            progress = job["progress"] or {}
+            if job["status"] == "running" and progress.get("phase") == "train":
+                seen.append(progress)
+            return seen if len({p["global_step"] for p in seen}) >= 2 else None
+
+        wait_until(training_steps, "two training steps to show in the job's progress", timeout=240)
+        first, later = seen[0], seen[-1]
+        assert first["stage"] == 1 and first["stages"] == 4 and first["stage_name"].startswith("stage 1")
+        assert 1 <= first["step"] <= first["steps"] == 200 and first["global_steps"] == 800
+        assert later["global_step"] > first["global_step"]  # it moves on while the job runs
+        assert all(p["loss"] > 0 and p["eta_s"] is not None and p["eta_s"] >= 0 for p in seen)
+        assert admin.delete("/v1/prompts/watched").status_code == 204  # no need to train it to the end
+
+
 def test_delete_cancels_a_running_job(server: LiveServer) -> None:
     runner: JobRunner = server.app.state.jobs
     with server.admin() as admin:
@@ -193,31 +216,3 @@ def test_delete_cancels_a_running_job(server: LiveServer) -> None:
         assert admin.get("/v1/prompts/doomed").status_code == 404
         wait_until(lambda: runner.running_job != job_id, "the runner to stop the deleted prompt's job")
     assert not (Path(server.settings.adapter_dir) / "doomed").exists()
-
-
-def test_restart_marks_an_orphaned_job_interrupted_and_queues_it_again(tmp_path: Path) -> None:
-    """A job left `running` by a dead runner is requeued once, then given up."""
-    registry = PromptRegistry(f"sqlite:///{tmp_path / 'r.db'}")
-    registry.create("p", "chat", TEMPLATE, [])
-    data = TrainData(rows=ROWS, schedule=SCHEDULE, eval_fraction=0)
-    job = registry.create_job("p", data.model_dump(mode="json"))
-    version = registry.allocate_version("p", "training", "train")
-    registry.update_job(job.id, status="running", version=version, attempts=1)
-
-    async def never_activated(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
-        raise AssertionError("recovery publishes nothing")
-
-    async def no_change() -> None:
-        return None
-
-    runner = JobRunner(Settings(data_dir=tmp_path), registry, AdapterStore(tmp_path / "adapters"), tmp_path,
-                       activate=never_activated, versions_changed=no_change)
-    runner._recover_interrupted()
-    again = registry.get_job(job.id)
-    assert again is not None and again.status == "queued" and "interrupted" in (again.error or "")
-    assert registry.get("p").versions[0].status == "failed"
-    assert TrainData.model_validate(again.spec) == data  # the queued data survives the round trip
-    registry.update_job(job.id, status="running", attempts=2)
-    runner._recover_interrupted()
-    final = registry.get_job(job.id)
-    assert final is not None and final.status == "interrupted"

@@ -3,12 +3,20 @@
 At submission the gateway calls `validate_submission` (bad rows or a bad schedule are an `InvalidInput`
 now, not a failed job later) and queues the `TrainData` it returns. When the job's turn comes it builds
 a `JobSpec` and starts `run_in_child` in a spawned process, which calls `run` and reports progress and
-the `TrainResult` as messages. Spec, data and result are JSON, so they cross the database and the
-process boundary unchanged. Importing this module loads neither torch nor a model.
+the `TrainResult` as messages, and which ends with the process that started it. Spec, data and result are
+JSON, so they cross the database and the process boundary unchanged. Importing this module loads neither
+torch nor a model.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,10 +33,14 @@ if TYPE_CHECKING:
 
     from trainer.job import ProgressCallback, TrainJob, TrainProgress
 
+log = logging.getLogger(__name__)
 INVALID_TRAIN_DATA = "invalid_train_data"
 INVALID_SCHEDULE = "invalid_schedule"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MAX_TRAIN_ROWS = 50_000
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_S = 0.5
+ORPHANED_EXIT_CODE = 75  # the training process ended because the process that started it had ended
 ChildMessage = tuple[Literal["progress", "done", "error"], Any]
 """What the training process sends: ("progress", progress_json), then ("done", TrainResult JSON) or ("error", text)."""
 
@@ -160,8 +172,38 @@ def progress_json(p: TrainProgress) -> dict[str, Any]:
     }
 
 
-def run_in_child(spec: dict[str, Any], messages: Queue[ChildMessage]) -> None:
-    """Entry point of a spawned training process: `run` the spec, sending progress and the outcome."""
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when `parent_pid`, the process that started it, ends, however it ends (`kill -9`
+    too): a training process left behind would go on training beside the runner that takes the job over.
+
+    Two guards: on Linux, PR_SET_PDEATHSIG has the kernel send SIGKILL when the parent goes (it follows the
+    parent *thread* that started this process, here one of the runner's long-lived worker threads); and, where
+    prctl is missing or refused, a thread that ends the process once its parent pid changes (it is reparented).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): watching the parent only", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl is not available (%s): watching the parent only", exc)
+    if os.getppid() != parent_pid:  # it ended before the guard was set
+        os._exit(ORPHANED_EXIT_CODE)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(ORPHANED_EXIT_CODE)
+
+
+def run_in_child(spec: dict[str, Any], messages: Queue[ChildMessage], parent_pid: int | None = None) -> None:
+    """Entry point of a spawned training process: `run` the spec, sending progress and the outcome; with
+    `parent_pid`, the process ends with its parent (`die_with_parent`)."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     put: Callable[[ChildMessage], None] = messages.put
     try:
         result = run(JobSpec.model_validate(spec), lambda p: put(("progress", progress_json(p))))

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from core.adapter_store import make_staging_dir, publish_dir
 from trainer import cache as store
 from trainer.data import TrainDataError, validate_examples
 from trainer.dataset import Encoded, StageBuilder, check_lengths
@@ -164,10 +164,10 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
 
 
 def save_adapter(peft_model: Any, job: TrainJob, manifest: dict[str, Any]) -> None:
-    """Write adapter files and manifest into a temporary sibling, then rename it to `out_dir`."""
+    """Write adapter files and manifest into a staging sibling named after this process, sync it, then rename it
+    to `out_dir`."""
     out = Path(job.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
+    tmp = make_staging_dir(out.parent, out.name)
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         config_path = tmp / "adapter_config.json"
@@ -179,7 +179,7 @@ def save_adapter(peft_model: Any, job: TrainJob, manifest: dict[str, Any]) -> No
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # files and folder synced before the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,13 +7,14 @@ one place, and it is the one place where adapter version numbers are made.
 from __future__ import annotations
 
 import re
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import create_engine, delete, func, select, update
+from sqlalchemy import ColumnElement, create_engine, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -24,7 +25,6 @@ from gateway.registry.db import (
     PromptRow,
     RegistryChangeRow,
     RegistryStateRow,
-    RunnerLeaseRow,
     TrainJobRow,
     database_url,
     enable_sqlite_foreign_keys,
@@ -37,6 +37,7 @@ PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 VERSION_STATUSES = ("training", "loading", "ready", "failed")
 JOB_ACTIVE = ("queued", "running")
 VERSION_ATTEMPTS = 100  # each failed attempt means another writer took a number: progress, not a stall
+CLAIM_CANDIDATES = 10  # jobs a runner tries per look when others take them first
 CHANGE_LOG_KEEP = timedelta(days=1)  # a replica further behind than this reloads every prompt
 CHANGE_LOG_PRUNE_EVERY = 500  # revisions between two prunings of the change log
 
@@ -65,6 +66,18 @@ class JobRecord:
     created: datetime
     started: datetime | None
     finished: datetime | None
+    lease_owner: str | None = None  # the runner that holds the job (while it runs)
+    lease_expires: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobLease:
+    """A job claimed by a runner: the token that every write of the runner for this job must match."""
+
+    job: JobRecord
+    token: str
+    expires: datetime
+    taken_over: bool  # the job was running under a runner whose lease expired
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,7 @@ def _version(row: AdapterVersionRow) -> VersionRecord:
 
 def _job(row: TrainJobRow, prompt: str) -> JobRecord:
     return JobRecord(row.id, prompt, row.status, row.spec, row.progress, row.error, row.attempts, row.version,
-                     row.created_at, row.started_at, row.finished_at)
+                     row.created_at, row.started_at, row.finished_at, row.lease_owner, row.lease_expires_at)
 
 
 def _prompt(row: PromptRow) -> PromptRecord:
@@ -316,48 +329,218 @@ class PromptRegistry:
             row = s.get(TrainJobRow, job_id)
             return None if row is None else _job(row, row.prompt.name)
 
-    def next_queued_job(self) -> JobRecord | None:
-        with self._session() as s:
-            row = s.scalars(
-                select(TrainJobRow).where(TrainJobRow.status == "queued").order_by(TrainJobRow.id)
-            ).first()
-            return None if row is None else _job(row, row.prompt.name)
+    # -- job leases ----------------------------------------------------------------------------
+    # A runner holds a job under a fenced lease: a random token set by compare-and-set. Every later write of the
+    # runner for that job matches the token in its WHERE clause, so a runner that lost the job (its lease expired
+    # and another took the job over, or the prompt was deleted) changes nothing: its UPDATE finds no row.
 
-    def running_jobs(self) -> list[JobRecord]:
-        with self._session() as s:
-            rows = s.scalars(select(TrainJobRow).where(TrainJobRow.status == "running")).all()
-            return [_job(r, r.prompt.name) for r in rows]
+    @staticmethod
+    def _held(job_id: int, token: str) -> tuple[ColumnElement[bool], ...]:
+        return TrainJobRow.id == job_id, TrainJobRow.lease_token == token, TrainJobRow.status == "running"
 
-    def update_job(self, job_id: int, **changes: Any) -> None:
-        with self._session() as s:
-            row = s.get(TrainJobRow, job_id)
-            if row is None:
-                return
-            for key, value in changes.items():
-                setattr(row, key, value)
-            s.commit()
+    @staticmethod
+    def _lock_prompt_of_job(s: Session, job_id: int) -> bool:
+        """Lock the job's prompt row first, as every writer of a prompt's versions does (`_lock_prompt`), so a
+        fenced write and a delete of the prompt take turns instead of deadlocking; False if the job is gone."""
+        prompt_id = s.scalar(
+            select(PromptRow.id)
+            .where(PromptRow.id == select(TrainJobRow.prompt_id).where(TrainJobRow.id == job_id).scalar_subquery())
+            .with_for_update(key_share=True))
+        return prompt_id is not None
 
-    def acquire_lease(self, owner: str, ttl: timedelta) -> bool:
-        """Take or renew the single job-runner lease; False while another live runner holds it."""
+    @staticmethod
+    def _expired(now: datetime) -> ColumnElement[bool]:
+        """A running job's lease that ran out (or a job left running without one, by an older release)."""
+        return or_(TrainJobRow.lease_expires_at.is_(None), TrainJobRow.lease_expires_at <= now)
+
+    def claim_job(self, owner: str, ttl: timedelta, max_attempts: int) -> JobLease | None:
+        """Take the oldest job that is queued, or running under an expired lease (its runner died: a takeover);
+        None when there is none. A job already started `max_attempts` times is given up (`interrupted`)
+        instead of taken over. Comparing each runner's clock with the expiry another wrote: hosts' clocks must
+        agree to well within the lease's time to live."""
+        for _ in range(CLAIM_CANDIDATES):
+            now = utcnow()
+            with self._session() as s:
+                candidates = s.execute(
+                    select(TrainJobRow.id, TrainJobRow.status, TrainJobRow.lease_token, TrainJobRow.attempts)
+                    .where(or_(TrainJobRow.status == "queued",
+                               (TrainJobRow.status == "running") & self._expired(now)))
+                    .order_by(TrainJobRow.id).limit(CLAIM_CANDIDATES)
+                ).all()
+            if not candidates:
+                return None
+            for job_id, status, token, attempts in candidates:
+                lease = self._try_claim(job_id, status, token, attempts, owner, ttl, max_attempts)
+                if lease is not None:
+                    return lease
+        return None  # others keep taking what this runner sees: it looks again at its next tick
+
+    def _try_claim(self, job_id: int, status: str, token: str | None, attempts: int, owner: str, ttl: timedelta,
+                   max_attempts: int) -> JobLease | None:
+        """Compare-and-set one candidate as it was seen; None if it changed meanwhile or was not taken."""
         now = utcnow()
+        fence = [TrainJobRow.id == job_id, TrainJobRow.status == status, TrainJobRow.attempts == attempts,
+                 TrainJobRow.lease_token.is_(None) if token is None else TrainJobRow.lease_token == token]
+        takeover = status == "running"
+        if takeover:
+            fence.append(self._expired(now))
+        no_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
         with self._session() as s:
-            row = s.get(RunnerLeaseRow, 1, with_for_update=True)
-            if row is None:
-                s.add(RunnerLeaseRow(id=1, owner=owner, heartbeat_at=now))
-            else:
-                beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=now.tzinfo)
-                if row.owner != owner and now - beat < ttl:
-                    return False
-                row.owner, row.heartbeat_at = owner, now
-            try:
-                s.commit()
-            except IntegrityError:
+            if not self._lock_prompt_of_job(s, job_id):
+                return None
+            if takeover and attempts >= max_attempts:
+                reason = f"interrupted: its training runner stopped {attempts} times; giving up"
+                if self._cas_job(s, fence, status="interrupted", finished_at=now, error=reason, **no_lease):
+                    self._fail_job_version(s, job_id, reason)
+                    s.commit()
+                return None
+            new_token = secrets.token_hex(16)
+            claimed = self._cas_job(
+                s, fence, status="running", attempts=attempts + 1, started_at=now, finished_at=None,
+                lease_owner=owner, lease_token=new_token, lease_expires_at=now + ttl,
+                error="taken over: its previous runner stopped" if takeover else None,
+                **({} if takeover else {"progress": {"phase": "starting"}, "version": None}))
+            if not claimed:
+                s.rollback()
+                return None
+            row = s.get(TrainJobRow, job_id)
+            assert row is not None
+            if takeover and row.version is not None:
+                previous = self._job_version(s, row)
+                if previous is not None and previous.status == "ready":
+                    # Published, but its runner stopped before recording the job's end: the job is done.
+                    self._cas_job(s, self._held(job_id, new_token), status="succeeded", finished_at=now,
+                                  error=None, progress={"phase": "done"}, attempts=attempts, **no_lease)
+                    s.commit()
+                    return None
+                self._fail_job_version(s, job_id, "interrupted: its training runner stopped; the job was taken over")
+                row.version, row.progress = None, {"phase": "starting"}
+            s.commit()
+            return JobLease(_job(row, row.prompt.name), new_token, now + ttl, takeover)
+
+    @staticmethod
+    def _cas_job(s: Session, where: Any, **values: Any) -> bool:
+        """One compare-and-set UPDATE of a job row; whether it matched."""
+        result = s.execute(update(TrainJobRow).where(*where).values(**values)
+                           .execution_options(synchronize_session=False))
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+    @staticmethod
+    def _job_version(s: Session, row: TrainJobRow) -> AdapterVersionRow | None:
+        if row.version is None:
+            return None
+        return s.scalars(select(AdapterVersionRow).where(AdapterVersionRow.prompt_id == row.prompt_id,
+                                                         AdapterVersionRow.version == row.version)).first()
+
+    def _fail_job_version(self, s: Session, job_id: int, reason: str) -> None:
+        """Fail the version a job was making, if still unfinished (in the caller's transaction)."""
+        row = s.get(TrainJobRow, job_id)
+        version = self._job_version(s, row) if row is not None else None
+        if row is not None and version is not None and version.status in ("training", "loading"):
+            version.status, version.error = "failed", reason
+            self._changed(s, row.prompt.name)
+
+    def renew_job_lease(self, job_id: int, token: str, ttl: timedelta, progress: dict[str, Any] | None = None) -> bool:
+        """Extend the lease (and record the newest progress); False when the job is no longer this runner's."""
+        values: dict[str, Any] = {"lease_expires_at": utcnow() + ttl}
+        if progress is not None:
+            values["progress"] = progress
+        with self._session() as s:
+            held = self._cas_job(s, self._held(job_id, token), **values)
+            s.commit()
+            return held
+
+    def allocate_job_version(self, job_id: int, token: str, name: str, store: AdapterStore | None = None) -> int | None:
+        """`allocate_version` for the job this runner holds: the new `training` version and the job's pointer to it
+        are written together, only under the token; None when the job is no longer this runner's."""
+        for _ in range(VERSION_ATTEMPTS):
+            floor = store.highest_version(name) if store is not None else 0
+            with self._session() as s:
+                try:
+                    prompt_id = self._lock_prompt(s, name)
+                except NotFoundError:
+                    return None  # deleted, and its jobs with it
+                highest = s.scalar(select(func.max(AdapterVersionRow.version))
+                                   .where(AdapterVersionRow.prompt_id == prompt_id))
+                number = max(floor, highest or 0) + 1
+                if not self._cas_job(s, self._held(job_id, token), version=number):
+                    s.rollback()
+                    return None
+                s.add(AdapterVersionRow(prompt_id=prompt_id, version=number, status="training", source="train",
+                                        created_at=utcnow()))
+                try:
+                    s.flush()
+                    self._changed(s, name)
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()  # the number was taken meanwhile: the next one
+                    continue
+                return number
+        raise ConflictError(f"no free version number for '{name}' after {VERSION_ATTEMPTS} attempts",
+                            param="name", code="version_conflict")
+
+    def stage_job_version(self, job_id: int, token: str, path: str, manifest: dict[str, Any]) -> bool:
+        """The held job's version is trained: `loading`, with its folder and manifest; False when not held."""
+        with self._session() as s:
+            if not self._lock_prompt_of_job(s, job_id) or not self._cas_job(s, self._held(job_id, token),
+                                                                            progress={"phase": "activating"}):
+                s.rollback()
                 return False
+            row = s.get(TrainJobRow, job_id)
+            version = self._job_version(s, row) if row is not None else None
+            if row is None or version is None:
+                s.rollback()
+                return False
+            version.status, version.path, version.manifest = "loading", path, manifest
+            self._changed(s, row.prompt.name)
+            s.commit()
             return True
 
-    def release_lease(self, owner: str) -> None:
+    def finish_job(self, job_id: int, token: str, *, status: str, error: str | None = None,
+                   progress: dict[str, Any] | None = None, version_status: str | None = None,
+                   version_error: str | None = None) -> bool:
+        """End the held job (`succeeded` or `failed`) and, with `version_status`, set its version's status in the
+        same transaction (`ready`: published); False, and nothing written, when the job is not held."""
+        values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow(), "lease_owner": None,
+                                  "lease_token": None, "lease_expires_at": None}
+        if progress is not None:
+            values["progress"] = progress
         with self._session() as s:
-            row = s.get(RunnerLeaseRow, 1)
-            if row is not None and row.owner == owner:
-                s.delete(row)
+            if not self._lock_prompt_of_job(s, job_id):
+                return False
+            row = s.get(TrainJobRow, job_id)  # read before the update: the fence below still decides
+            version = self._job_version(s, row) if row is not None else None
+            if row is None or not self._cas_job(s, self._held(job_id, token), **values):
+                s.rollback()
+                return False
+            if version is not None and version_status is not None:
+                version.status, version.error = version_status, version_error
+                self._changed(s, row.prompt.name)
+            s.commit()
+            return True
+
+    def release_job(self, job_id: int, token: str, reason: str) -> bool:
+        """Hand a held job back (its runner is stopping): queued again without counting the attempt, its
+        unfinished version failed (or, when its version was published already, the job succeeded); False when it
+        was not held."""
+        with self._session() as s:
+            if not self._lock_prompt_of_job(s, job_id):
+                return False
+            row = s.get(TrainJobRow, job_id)
+            version = self._job_version(s, row) if row is not None else None
+            if version is not None and version.status == "ready":
+                done = self._cas_job(s, self._held(job_id, token), status="succeeded", error=None,
+                                     finished_at=utcnow(), progress={"phase": "done"}, lease_owner=None,
+                                     lease_token=None, lease_expires_at=None)
                 s.commit()
+                return done
+            if row is None or not self._cas_job(
+                    s, self._held(job_id, token), status="queued", attempts=TrainJobRow.attempts - 1, error=reason,
+                    started_at=None, progress=None, lease_owner=None, lease_token=None, lease_expires_at=None):
+                s.rollback()
+                return False
+            self._fail_job_version(s, job_id, f"interrupted: {reason}")
+            s.execute(update(TrainJobRow).where(TrainJobRow.id == job_id).values(version=None)
+                      .execution_options(synchronize_session=False))
+            s.commit()
+            return True
