@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,6 +11,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MIN_ADMIN_KEY_CHARS = 16
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def split_tenant_key(entry: str) -> tuple[str | None, str]:
+    """An `API_KEYS` entry: `tenant:key` (split at the first colon) or a bare key, which belongs to no tenant."""
+    tenant, colon, key = entry.partition(":")
+    if not colon:
+        return None, entry
+    if not TENANT_NAME.fullmatch(tenant) or not key:
+        raise ValueError("an API key with a tenant is `tenant:key`: the tenant 1-64 letters, digits, '_', '.' or "
+                         "'-' (starting with a letter or digit), then a non-empty key")
+    return tenant, key
 
 
 def _split_csv(value: object) -> object:
@@ -44,7 +57,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description=f"Bearer token for every /v1/prompts route (at least {MIN_ADMIN_KEY_CHARS} characters).")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Bearer keys for inference routes (comma separated); open if empty."
+        default_factory=list, description="Bearer keys for inference routes (comma separated); open if empty. "
+                                          "`tenant:key` gives the key to a tenant (split at the first colon)."
     )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank the trainer uses.")
     lora_targets: Annotated[list[str], NoDecode] = Field(
@@ -97,6 +111,23 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _tenant_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            split_tenant_key(key.get_secret_value())
+        return value
+
+    @property
+    def tenant_keys(self) -> list[tuple[str | None, SecretStr]]:
+        """Each API key with its tenant (None: a key of no tenant, which sees global prompts only)."""
+        pairs = (split_tenant_key(k.get_secret_value()) for k in self.api_keys)
+        return [(tenant, SecretStr(key)) for tenant, key in pairs]
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(t for t, _ in self.tenant_keys if t is not None)
 
     @field_validator("admin_key")
     @classmethod

@@ -28,22 +28,40 @@ AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(admin_
 APICredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(api_bearer)]
 
 
-def _matches(credentials: HTTPAuthorizationCredentials | None, keys: list[SecretStr]) -> bool:
-    """Constant-time comparison of the header's bytes with the UTF-8 key (any bytes a client sends are safe).
-
-    The ASGI server decodes header bytes as latin-1, so encoding back to latin-1 gives the bytes as sent.
-    """
+def _matching(credentials: HTTPAuthorizationCredentials | None, keys: list[SecretStr]) -> int | None:
+    """The index of the key the header carries, compared in constant time per key (any bytes a client sends
+    are safe); None if none. The ASGI server decodes header bytes as latin-1, so encoding back to latin-1
+    gives the bytes as sent."""
     if credentials is None:
-        return False
+        return None
     sent = credentials.credentials.encode("latin-1")
-    return any(hmac.compare_digest(sent, key.get_secret_value().encode("utf-8")) for key in keys)
+    found = None
+    for i, key in enumerate(keys):  # every key is compared: the time does not tell which one matched
+        if hmac.compare_digest(sent, key.get_secret_value().encode("utf-8")) and found is None:
+            found = i
+    return found
+
+
+def _matches(credentials: HTTPAuthorizationCredentials | None, keys: list[SecretStr]) -> bool:
+    return _matching(credentials, keys) is not None
 
 
 async def require_api_key(request: Request, credentials: APICredentials) -> None:
-    keys = request.app.state.settings.api_keys
-    if keys and not _matches(credentials, keys):
+    """Check the API key (when the gateway has any) and note its tenant in `request.state.tenant`."""
+    pairs = request.app.state.settings.tenant_keys
+    request.state.tenant = None
+    if not pairs:
+        return
+    found = _matching(credentials, [key for _, key in pairs])
+    if found is None:
         raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+    request.state.tenant = pairs[found][0]
+
+
+def request_tenant(request: Request) -> str | None:
+    """The tenant of the request's API key (None: no tenant, or the gateway has no API keys)."""
+    return getattr(request.state, "tenant", None)
 
 
 async def require_admin(request: Request, credentials: AdminCredentials) -> None:

@@ -54,10 +54,15 @@ def loras(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     return [random_lora(tiny_model_path, root / f"lora-{seed}", seed=seed, scale=20.0) for seed in (31, 32)]
 
 
-@pytest.fixture(scope="module")
-def replicas(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalGateway]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def replicas(request: pytest.FixtureRequest, tiny_model_path: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalGateway]]:
+    """Two replicas on one registry (a SQLite file, then a real PostgreSQL server) and one adapter store."""
     shared = tmp_path_factory.mktemp("replicas")
-    database = f"sqlite:///{shared / 'registry.db'}"
+    if request.param == "sqlite":
+        database = f"sqlite:///{shared / 'registry.db'}"
+    else:
+        database = request.getfixturevalue("postgresql").create_database("replicas")
     settings = [gateway_settings(shared / name, tiny_model_path, database_url=database,
                                  adapter_dir=shared / "adapters", adapter_drain_seconds=60)
                 for name in ("a", "b")]
@@ -84,7 +89,9 @@ def test_a_change_through_either_replica_is_served_by_both(replicas: list[LocalG
         deleted = wait_for(lambda: route_of(b) == "passthrough", "a delete on A, honoured on B")
         assert admin_b.get("/v1/prompts/shell").status_code == 404
     with capsys.disabled():
-        print(f"\n[replicas] followed: register {registered:.2f} s, adapter {adapter:.2f} s, delete {deleted:.2f} s")
+        backend = a.settings.resolved_database_url.split(":")[0]
+        print(f"\n[replicas, {backend}] followed: register {registered:.2f} s, adapter {adapter:.2f} s, "
+              f"delete {deleted:.2f} s")
 
 
 @pytest.fixture(scope="module")

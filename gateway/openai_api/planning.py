@@ -102,19 +102,21 @@ class Planner:
         self.counter = counter
         self.metrics = metrics
 
-    def planned(self, plan: Callable[[B], Plan], body: B) -> Plan:
-        """Plan a request, counting refusals that happen before a route is chosen (route `none`)."""
+    def planned(self, plan: Callable[[B, str | None], Plan], body: B, tenant: str | None) -> Plan:
+        """Plan a request (of the caller's tenant), counting refusals that happen before a route is chosen
+        (route `none`)."""
         try:
-            return plan(body)
+            return plan(body, tenant)
         except APIError as exc:
             self.metrics.request_errors.labels(route=NO_PROMPT, code=str(exc.status_code)).inc()
             raise
 
-    def _target(self, model: str) -> RoutablePrompt | None:
-        """None for the base model (detect); the prompt for an adapter id; 404 otherwise."""
+    def _target(self, model: str, tenant: str | None) -> RoutablePrompt | None:
+        """None for the base model (detect); the prompt for an adapter id; 404 otherwise (another tenant's
+        adapter included: its existence is not told)."""
         if model in self.settings.base_model_names:
             return None
-        entry = self.prompts.by_adapter_model(model)
+        entry = self.prompts.by_adapter_model(model, tenant)
         if entry is None:
             raise NotFound(f"the model '{model}' does not exist", param="model", code="model_not_found")
         return entry
@@ -126,8 +128,8 @@ class Planner:
         finally:
             self.metrics.detection_duration.observe(time.perf_counter() - started)
 
-    def plan_chat(self, body: ChatCompletionRequest) -> Plan:
-        target = self._target(body.model)
+    def plan_chat(self, body: ChatCompletionRequest, tenant: str | None = None) -> Plan:
+        target = self._target(body.model, tenant)
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
         texts = [message_text(m) for m in body.messages]
         all_text = all(t is not None for t in texts)
@@ -142,11 +144,12 @@ class Planner:
             return Plan("chat", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
         special = bool(body.tools or body.functions) or body.n > 1 or not all_text
         match = None if special else self._detect(
-            self.prompts.matcher.match_chat, [(m.role, t) for m, t in zip(body.messages, texts, strict=True)])
+            lambda pairs: self.prompts.match_chat(pairs, tenant),
+            [(m.role, t) for m, t in zip(body.messages, texts, strict=True)])
         return self._plan_match("chat", body.model, match, request)
 
-    def plan_completion(self, body: CompletionRequest) -> Plan:
-        target = self._target(body.model)
+    def plan_completion(self, body: CompletionRequest, tenant: str | None = None) -> Plan:
+        target = self._target(body.model, tenant)
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) == 1 and isinstance(prompt[0], str):
@@ -162,7 +165,7 @@ class Planner:
                                 extra=engine_extras(body), request_id=f"cmpl-{uuid.uuid4().hex}")
         if target is not None:
             return Plan("completion", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
-        match = None if body.n > 1 else self._detect(self.prompts.matcher.match_completion, prompt)
+        match = None if body.n > 1 else self._detect(lambda text: self.prompts.match_completion(text, tenant), prompt)
         return self._plan_match("completion", body.model, match, request)
 
     def _plan_match(self, endpoint: Endpoint, model: str, match: Match | None, request: EngineRequest) -> Plan:

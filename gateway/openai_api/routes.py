@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.auth import require_api_key
+from gateway.auth import request_tenant, require_api_key
 from gateway.errors import ERROR_RESPONSES, ErrorResponse
 from gateway.openai_api.planning import Plan, Planner
 from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest
@@ -73,7 +73,7 @@ async def _answer(request: Request, service: InferenceService, plan: Plan, strea
              summary="Chat completion; a registered prompt is answered by its adapter from the bare query")
 async def chat_completions(request: Request, body: ChatCompletionRequest, planner: Planning,
                            service: Inference) -> Response:
-    plan = planner.planned(planner.plan_chat, body)
+    plan = planner.planned(planner.plan_chat, body, request_tenant(request))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _answer(request, service, plan, body.stream, include_usage)
 
@@ -82,17 +82,19 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, planne
              summary="Text completion; a registered completion template is answered by its adapter")
 async def completions(request: Request, body: CompletionRequest, planner: Planning,
                       service: Inference) -> Response:
-    plan = planner.planned(planner.plan_completion, body)
+    plan = planner.planned(planner.plan_completion, body, request_tenant(request))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _answer(request, service, plan, body.stream, include_usage)
 
 
-@router.get("/models", response_model=ModelList, summary="The base model, then every ready adapter as `<prompt>@v<N>`")
+@router.get("/models", response_model=ModelList,
+            summary="The base model, then every ready adapter the caller may use as `<prompt>@v<N>` (global "
+                    "prompts' and the caller's tenant's)")
 async def list_models(request: Request) -> ModelList:
     settings = request.app.state.settings
     created = request.app.state.started_at
     base = settings.served_model_name
     cards = [ModelCard(id=base, created=created, root=base)]
     cards += [ModelCard(id=model, created=created, root=base, parent=base)
-              for model in request.app.state.prompts.adapter_models()]
+              for model in request.app.state.prompts.adapter_models(request_tenant(request))]
     return ModelList(data=cards)

@@ -73,6 +73,10 @@ class RegisterPrompt(BaseModel):
         **exactly_one_of(("messages", "array"), ("prompt", "string")), "examples": [REGISTER_EXAMPLE]})
 
     name: str = Field(description="1-64 letters, digits, '_', '.', '-'.", examples=["nl2bash"])
+    tenant: str | None = Field(
+        None, description="A tenant of `PROMPTINTERN_API_KEYS` (`tenant:key`): only its requests match this prompt "
+                          "and only it sees the prompt's adapters; null (default): a global prompt, matched for "
+                          "every caller after the caller's own tenant's prompts.")
     messages: list[TemplateMessage] | None = Field(None, description="Chat template (or give `prompt`).")
     prompt: str | None = Field(None, description="Completion template (or give `messages`).")
     examples: list[dict[str, str]] = Field(
@@ -114,6 +118,7 @@ class JobOut(BaseModel):
 
 class PromptOut(BaseModel):
     name: str
+    tenant: str | None = Field(description="The tenant whose requests alone match the prompt; null: every caller.")
     kind: Literal["chat", "completion"]
     template: list[dict[str, str]] | str
     slots: list[str]

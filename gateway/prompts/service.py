@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,7 +20,7 @@ from gateway.engines.base import AdapterLoadError, Engine, EngineRequest, Engine
 from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, Unprocessable
 from gateway.jobs import TrainingJobs, prepare_train_spec
-from gateway.matcher import Matcher
+from gateway.matcher import Match, Matcher
 from gateway.metrics import GatewayMetrics
 from gateway.prompts.imports import (
     AdapterFiles,
@@ -29,7 +29,17 @@ from gateway.prompts.imports import (
     read_import_jsonl,
     stage_adapter,
 )
-from gateway.prompts.protocol import JobOut, PromptOut, RegisterPrompt, TrainSpec, VersionOut
+from gateway.prompts.protocol import PromptOut, RegisterPrompt, TrainSpec
+from gateway.prompts.records import (
+    adapter_model_id,
+    inference_mode,
+    job_out,
+    takes_bare_query,
+    template_from_record,
+    validate_examples,
+    version_out,
+)
+from gateway.prompts.routing import RoutablePrompt, RoutingTable
 from gateway.registry.db import utcnow
 from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, VersionRecord, check_prompt_name
 from gateway.tokens import TokenCounter
@@ -37,71 +47,6 @@ from trainer.jobspec import TrainData
 
 log = logging.getLogger(__name__)
 LOADING_STALE_AFTER = timedelta(minutes=15)  # a version `loading` this long lost its loader (another replica's too)
-
-
-@dataclass(frozen=True)
-class RoutablePrompt:
-    """What the router needs to know about one registered prompt, swapped whole on every change."""
-
-    name: str
-    template: PromptTemplate
-    static_tokens: int
-    adapter: str | None  # the engine's adapter name (`<prompt>@v<N>`) once a version is ready
-    bare: bool = True  # False for adapters trained on the full prompt (kept at inference)
-
-
-def takes_bare_query(manifest: dict[str, Any] | None) -> bool:
-    """Adapters trained with the prompt kept (the full-prompt baseline) must be sent the full prompt."""
-    return (manifest or {}).get("inference") != "full_prompt"
-
-
-def inference_mode(manifest: dict[str, Any] | None) -> str:
-    return "bare" if takes_bare_query(manifest) else "full_prompt"
-
-
-def adapter_model_id(name: str, version: int) -> str:
-    return f"{name}@v{version}"
-
-
-def template_from_record(record: PromptRecord) -> PromptTemplate:
-    if record.kind == "completion":
-        return parse_template(prompt=record.template, max_chars=10**9)
-    return parse_template(messages=record.template, max_chars=10**9)
-
-
-def validate_examples(template: PromptTemplate, examples: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Each declared example fills every slot (or `query`) and appears verbatim, so the trainer can cut it."""
-    static = "\n".join(m.static_text for m in template.messages)
-    single = template.slots[0] if len(template.slots) == 1 else None
-    cleaned: list[dict[str, str]] = []
-    for i, example in enumerate(examples):
-        row = dict(example)
-        if single and "query" in row and single not in row:
-            row[single] = row.pop("query")
-        missing = [k for k in (*template.slots, "response") if not row.get(k)]
-        if missing:
-            raise Unprocessable(f"example {i} lacks {', '.join(missing)}", param=f"examples[{i}]",
-                                code="invalid_example")
-        unknown = sorted(set(row) - {*template.slots, "response"})
-        if unknown:
-            raise Unprocessable(f"example {i} has unknown field(s) {', '.join(unknown)}",
-                                param=f"examples[{i}]", code="invalid_example")
-        for key, value in row.items():
-            if value not in static:
-                raise Unprocessable(
-                    f"example {i}'s {key} does not appear verbatim in the template", param=f"examples[{i}].{key}",
-                    code="example_not_in_template")
-        cleaned.append(row)
-    return cleaned
-
-
-def job_out(job: JobRecord) -> JobOut:
-    return JobOut.model_validate(job, from_attributes=True)
-
-
-def version_out(version: VersionRecord) -> VersionOut:
-    """The wire shape of a version; a status the API does not document fails here, not in a client."""
-    return VersionOut.model_validate(version, from_attributes=True)
 
 
 class PromptService:
@@ -114,40 +59,41 @@ class PromptService:
         self.registry = registry
         self.store = store
         self.engine = engine
-        self.matcher = matcher
+        self.routing = RoutingTable(matcher)
         self.counter = counter
         self.metrics = metrics
-        self._routes: dict[str, RoutablePrompt] = {}
-        self._by_adapter: dict[str, RoutablePrompt] = {}
         self._lock = asyncio.Lock()
         self._gauge_lock = asyncio.Lock()
         self.jobs = jobs
         self.in_flight = in_flight
         self._retiring: set[asyncio.Task[None]] = set()  # old versions draining before their unload
 
-    # -- routing table -------------------------------------------------------------------------
+    # -- routing table (see gateway.prompts.routing) ------------------------------------------
+
+    @property
+    def matcher(self) -> Matcher:
+        """The global prompts' matcher (each tenant's own prompts have one more)."""
+        return self.routing.matcher
 
     def routable(self, name: str) -> RoutablePrompt | None:
-        return self._routes.get(name)
+        return self.routing.get(name)
 
-    def by_adapter_model(self, model: str) -> RoutablePrompt | None:
-        return self._by_adapter.get(model)
+    def by_adapter_model(self, model: str, tenant: str | None = None) -> RoutablePrompt | None:
+        return self.routing.by_adapter_model(model, tenant)
 
-    def adapter_models(self) -> list[str]:
-        return sorted(self._by_adapter)
+    def adapter_models(self, tenant: str | None = None) -> list[str]:
+        return self.routing.adapter_models(tenant)
+
+    def match_chat(self, messages: list[tuple[str, str]], tenant: str | None = None) -> Match | None:
+        return self.routing.match_chat(messages, tenant)
+
+    def match_completion(self, prompt: str, tenant: str | None = None) -> Match | None:
+        return self.routing.match_completion(prompt, tenant)
 
     def _publish(self, entry: RoutablePrompt | None, name: str) -> None:
-        routes = dict(self._routes)
-        if entry is None:
-            routes.pop(name, None)
-            self.matcher.remove(name)
-        else:
-            if name not in routes:
-                self.metrics.track_prompt(name)
-            routes[name] = entry
-            self.matcher.add(name, entry.template)
-        self._routes = routes
-        self._by_adapter = {e.adapter: e for e in routes.values() if e.adapter}
+        if entry is not None and self.routing.get(name) is None:
+            self.metrics.track_prompt(name)
+        self.routing.publish(name, entry)
 
     async def refresh_gauge(self) -> None:
         """Set the adapter gauge from the registry (queried in a thread); one refresh at a time, so the last to
@@ -171,7 +117,7 @@ class PromptService:
                                             status="failed", error="interrupted: the gateway stopped while loading")
             template = template_from_record(record)
             static = await asyncio.to_thread(self.counter.static_tokens, template)
-            self._publish(RoutablePrompt(record.name, template, static, None), record.name)
+            self._publish(RoutablePrompt(record.name, template, static, None, tenant=record.tenant), record.name)
             await self._activate_newest(record.name)
         await self.refresh_gauge()
 
@@ -188,7 +134,7 @@ class PromptService:
         `None`: for every prompt. A local change is found already applied, so this does nothing for it."""
         if names is None:
             records = await asyncio.to_thread(self.registry.all)
-            names = frozenset({r.name for r in records} | set(self._routes))
+            names = frozenset({r.name for r in records} | set(self.routing.names()))
         for name in sorted(names):
             try:
                 async with self._lock:
@@ -201,7 +147,7 @@ class PromptService:
         try:
             record = await asyncio.to_thread(self.registry.get, name)
         except NotFoundError:
-            entry = self._routes.get(name)
+            entry = self.routing.get(name)
             if entry is not None:
                 log.info("prompt %s was deleted through another replica: no longer routed", name)
                 self._publish(None, name)
@@ -209,13 +155,13 @@ class PromptService:
                 for model_id in [m for m in self.engine.loaded_adapters() if m.startswith(f"{name}@v")]:
                     self._retire(model_id)
             return
-        entry = self._routes.get(name)
+        entry = self.routing.get(name)
         template = template_from_record(record)
-        if entry is None or entry.template.digest() != template.digest():
+        if entry is None or entry.template.digest() != template.digest() or entry.tenant != record.tenant:
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(name, template, static, entry.adapter if entry else None,
-                                         entry.bare if entry else True), name)
-        current = self._routes[name].adapter
+                                         entry.bare if entry else True, record.tenant), name)
+        current = self.routing.require(name).adapter
         ready = [v for v in record.versions if v.status == "ready"]
         if current is not None and ready and adapter_model_id(name, ready[-1].version) == current:
             return  # already serving the newest ready version
@@ -260,9 +206,9 @@ class PromptService:
             return
 
     def _set_adapter(self, name: str, model_id: str | None, bare: bool = True) -> None:
-        entry = self._routes.get(name)
+        entry = self.routing.get(name)
         if entry is not None:
-            self._publish(RoutablePrompt(entry.name, entry.template, entry.static_tokens, model_id, bare), name)
+            self._publish(replace(entry, adapter=model_id, bare=bare), name)
 
     async def _load_and_warm(self, model_id: str, path: Path) -> None:
         await self.engine.load_adapter(model_id, path)
@@ -289,6 +235,10 @@ class PromptService:
 
     async def register(self, body: RegisterPrompt) -> PromptRecord:
         check_prompt_name(body.name)
+        if body.tenant is not None and body.tenant not in self.settings.tenants:
+            known = ", ".join(sorted(self.settings.tenants)) or "none configured"
+            raise Unprocessable(f"unknown tenant '{body.tenant}': a tenant is named by PROMPTINTERN_API_KEYS "
+                                f"entries `tenant:key` (tenants: {known})", param="tenant", code="unknown_tenant")
         try:
             template = parse_template(
                 messages=[m.model_dump() for m in body.messages] if body.messages is not None else None,
@@ -310,9 +260,9 @@ class PromptService:
                                 files: AdapterFiles | None, train_spec: TrainData | None) -> PromptRecord:
         async with self._lock:
             record = await asyncio.to_thread(self.registry.create, body.name, template.kind, template.source(),
-                                             examples)
+                                             examples, body.tenant)
             static = await asyncio.to_thread(self.counter.static_tokens, template)
-            self._publish(RoutablePrompt(body.name, template, static, None), body.name)
+            self._publish(RoutablePrompt(body.name, template, static, None, tenant=body.tenant), body.name)
             if files is not None:
                 try:
                     await self._add_adapter_locked(body.name, files)
@@ -420,7 +370,7 @@ class PromptService:
     async def _replace_active(self, name: str, model_id: str, bare: bool) -> None:
         """Route to the new version first, then unload the old one once its requests have drained: no window
         without an adapter, and no request cut off."""
-        entry = self._routes.get(name)
+        entry = self.routing.get(name)
         previous = entry.adapter if entry else None
         self._set_adapter(name, model_id, bare)
         if previous and previous != model_id:
@@ -437,7 +387,7 @@ class PromptService:
         if not await self.in_flight.drain(model_id, self.settings.adapter_drain_seconds):
             log.warning("%s still had %d request(s) in flight after %.0f s; unloading it anyway", model_id,
                         self.in_flight.count(model_id), self.settings.adapter_drain_seconds)
-        if model_id in self._by_adapter:
+        if self.routing.routes_to(model_id):
             return  # routed to again meanwhile (a rollback)
         try:
             await self.engine.unload_adapter(model_id)
@@ -468,7 +418,8 @@ class PromptService:
         active = record.active_version
         job = record.jobs[-1] if record.jobs else None
         return PromptOut(
-            name=record.name, kind=template.kind, template=record.template, slots=list(template.slots),
+            name=record.name, tenant=record.tenant, kind=template.kind, template=record.template,
+            slots=list(template.slots),
             examples=record.examples, status=record.status,
             active_version=active.version if active else None,
             versions=[version_out(v) for v in record.versions],

@@ -83,6 +83,7 @@ class JobLease:
 @dataclass(frozen=True)
 class PromptRecord:
     name: str
+    tenant: str | None  # None: a global prompt, matched for every tenant
     kind: str
     template: Any
     examples: list[dict[str, str]]
@@ -121,7 +122,7 @@ def _job(row: TrainJobRow, prompt: str) -> JobRecord:
 
 
 def _prompt(row: PromptRow) -> PromptRecord:
-    return PromptRecord(row.name, row.kind, row.template, list(row.examples or []), row.created_at,
+    return PromptRecord(row.name, row.tenant, row.kind, row.template, list(row.examples or []), row.created_at,
                         [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs])
 
 
@@ -220,10 +221,12 @@ class PromptRegistry:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    def create(self, name: str, kind: str, template: Any, examples: list[dict[str, str]]) -> PromptRecord:
+    def create(self, name: str, kind: str, template: Any, examples: list[dict[str, str]],
+               tenant: str | None = None) -> PromptRecord:
         check_prompt_name(name)
         with self._session() as s:
-            row = PromptRow(name=name, kind=kind, template=template, examples=examples, created_at=utcnow())
+            row = PromptRow(name=name, tenant=tenant, kind=kind, template=template, examples=examples,
+                            created_at=utcnow())
             s.add(row)
             try:
                 s.flush()  # a name taken shows here, before the change is logged
