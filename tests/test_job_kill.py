@@ -1,5 +1,6 @@
 """A gateway replica killed (`kill -9`) in the middle of a training job: its training process goes with it, a
 `promptintern worker` takes the job over once the job's lease has run out, and exactly one version is published.
+First, the guard alone: a spawned child ends with its parent, with prctl or with the watching thread only.
 
 Both run as real processes (the `promptintern` command) on one SQLite registry and one adapter store, with a
 3-second lease (JOB_LEASE_SECONDS) so the takeover comes within seconds.
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -77,6 +79,31 @@ def started(args: list[str], env: dict[str, str], log: IO[str]) -> Iterator[subp
         process.wait(30)
 
 
+@pytest.mark.parametrize("guard", ["prctl", "watcher"])
+def test_a_training_process_ends_with_the_process_that_started_it(guard: str) -> None:
+    """`kill -9` of the parent ends the child: through PR_SET_PDEATHSIG, and through the thread that watches the
+    parent alone (where prctl is missing)."""
+    repo = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(repo / "tests" / "orphan_child.py"), guard], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        guarded, kernel_signal = parent.stdout.readline().split()
+        assert guarded == "guarded"
+        # With prctl (Linux), the kernel sends SIGKILL; without, only the child's own thread can end it.
+        expected = signal.SIGKILL if guard == "prctl" and sys.platform.startswith("linux") else 0
+        assert int(kernel_signal) == expected
+        assert child.ppid() == parent.pid and not gone(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        wait_until(lambda: gone(child), "the child to end with its parent", timeout=30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)
+
+
 def test_a_killed_replica_leaves_no_trainer_and_a_worker_takes_the_job_over(
         tiny_model_path: Path, tmp_path: Path) -> None:
     port = free_port()
@@ -116,10 +143,12 @@ def test_a_killed_replica_leaves_no_trainer_and_a_worker_takes_the_job_over(
         trainers = training_processes(gateway.pid)
         assert trainers, "no training process was found under the gateway"
 
+        killed = time.monotonic()
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(30)
         wait_until(lambda: all(gone(p) for p in trainers), "the training process to end with its gateway",
                    timeout=30)
+        trainer_ended = time.monotonic() - killed
 
     registry = PromptRegistry(Settings(data_dir=tmp_path / "data").resolved_database_url)
     try:
@@ -133,6 +162,9 @@ def test_a_killed_replica_leaves_no_trainer_and_a_worker_takes_the_job_over(
                 return job if job is not None and job.status not in ("queued", "running") else None
 
             job = wait_until(ended, "the worker to finish the job", timeout=400)
+            print(f"\nkill -9 mid-training (step {shown['global_step']} of {shown['global_steps']}): trainer gone "
+                  f"within {trainer_ended:.2f} s; job taken over and finished {time.monotonic() - killed:.1f} s after "
+                  f"the kill (lease {LEASE_SECONDS} s)")
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(60) == 0
         assert job.status == "succeeded" and job.attempts == 2, (job, logs())

@@ -172,15 +172,16 @@ def progress_json(p: TrainProgress) -> dict[str, Any]:
     }
 
 
-def die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int, *, use_prctl: bool = True) -> None:
     """Make this process end when `parent_pid`, the process that started it, ends, however it ends (`kill -9`
     too): a training process left behind would go on training beside the runner that takes the job over.
 
     Two guards: on Linux, PR_SET_PDEATHSIG has the kernel send SIGKILL when the parent goes (it follows the
     parent *thread* that started this process, here one of the runner's long-lived worker threads); and, where
-    prctl is missing or refused, a thread that ends the process once its parent pid changes (it is reparented).
+    prctl is missing or refused (or `use_prctl` is False), a thread that ends the process once its parent pid
+    changes (it is reparented).
     """
-    if sys.platform.startswith("linux"):
+    if use_prctl and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
