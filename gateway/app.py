@@ -220,8 +220,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         async def activate_trained(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
             return await prompts.activate_trained(name, version, path, manifest)
 
+        async def versions_changed() -> None:  # serve a version this replica's runner published at once
+            await follower.catch_up()
+            await prompts.refresh_gauge()
+
         runner = JobRunner(settings, registry, store, model_dir, activate=activate_trained,
-                           versions_changed=lambda: prompts.refresh_gauge())
+                           versions_changed=versions_changed, share_cores=getattr(the_engine, "share_cores", None))
         in_flight = AdapterUse()
         prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight)
         follower = RegistryFollower(registry, prompts.follow, settings.registry_poll_seconds)

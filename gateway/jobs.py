@@ -53,6 +53,9 @@ POLL_S = 1.0  # how often an idle runner looks for a job
 PROGRESS_EVERY_S = 1.0  # the newest progress is written at most this often
 MAX_ATTEMPTS = 2  # a job whose runner died once is taken over once
 
+ShareCores = Callable[[bool], Awaitable[int]]
+"""Told True when a training starts on this machine, False when it ends; returns the threads the engine now uses."""
+
 ActivateVersion = Callable[[str, int, Path, dict[str, Any]], Awaitable[bool]]
 """Load, warm and route to a finished version (prompt, version, adapter folder, manifest); False if it failed."""
 
@@ -202,16 +205,19 @@ class JobRunner:
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, base_model_dir: Path, *,
                  activate: ActivateVersion | None, versions_changed: Callable[[], Awaitable[None]],
-                 claim_jobs: bool | None = None, lease_ttl: timedelta | None = None) -> None:
+                 claim_jobs: bool | None = None, lease_ttl: timedelta | None = None,
+                 share_cores: ShareCores | None = None) -> None:
         """`activate`: loads a finished version into this process's engine and routes to it (a gateway); None
         (a worker): the checked version is marked ready and serving replicas load it when they see the change.
         `claim_jobs` (default: the TRAIN_IN_GATEWAY setting) False: this runner takes no jobs, it only queues
-        them; `lease_ttl` (default: JOB_LEASE_SECONDS)."""
+        them; `lease_ttl` (default: JOB_LEASE_SECONDS). `share_cores` (an engine on this machine): told when a
+        training starts and ends, so the engine decodes with part of the cores while the job trains on the rest."""
         self.settings = settings
         self.registry = registry
         self.store = store
         self.base_model_dir = base_model_dir
         self._activate = activate
+        self._share_cores = share_cores
         self._versions_changed = versions_changed  # a version was added or failed: refresh what depends on it
         self.claim_jobs = settings.train_in_gateway if claim_jobs is None else claim_jobs
         self.lease_ttl = lease_ttl if lease_ttl is not None else timedelta(seconds=settings.job_lease_seconds)
@@ -329,12 +335,21 @@ class JobRunner:
             cache_dir=self.settings.data_dir / "trainer-cache", threads=self.settings.train_threads,
         )
         log.info("training job %d: %s version %d", job.id, job.prompt, version)
-        self._child = await _spawn(spec, f"train-{job.id}")
         try:
-            outcome = await self._follow(self._child, held)
+            if self._share_cores is not None:  # the engine keeps part of the cores; the job gets the rest
+                kept = await self._share_cores(True)
+                spec = spec.model_copy(update={"threads": spec.threads or max(1, (os.cpu_count() or 1) - kept)})
+                log.info("training job %d: %d thread(s), the engine keeps %d meanwhile", job.id, spec.threads, kept)
+            self._child = await _spawn(spec, f"train-{job.id}")
+            try:
+                outcome = await self._follow(self._child, held)
+            finally:
+                await self._stop_child()
+                self._child = None
         finally:
-            await self._stop_child()
-            self._child = None
+            if self._share_cores is not None:
+                with contextlib.suppress(Exception):
+                    await self._share_cores(False)
         await self._finish(job, held, version, spec.out_dir, outcome)
 
     async def _follow(self, child: _Child, held: _HeldLease) -> tuple[str, Any]:
@@ -379,14 +394,14 @@ class JobRunner:
             return
         await self._versions_changed()
         ok = True
-        if self._activate is not None:  # loads it here and marks it ready (or failed, saying why)
+        if self._activate is not None:  # loads and warms it here; published (ready) only by the fenced write below
             ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)
         if ok:
             await self._end(job, held, version, status="succeeded", progress={"phase": "done"},
-                            version_status="ready", drop_on_loss=self._activate is None)
+                            version_status="ready")
         else:
             await self._end(job, held, version, status="failed", error="the trained adapter did not load",
-                            version_status=None, drop_on_loss=False)
+                            version_status="failed", drop_on_loss=False)
 
     async def _end(self, job: JobRecord, held: _HeldLease, version: int, *, status: str, error: str | None = None,
                    progress: dict[str, Any] | None = None, version_status: str | None,

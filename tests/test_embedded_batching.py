@@ -196,3 +196,16 @@ def test_a_step_prefills_new_prompts_within_its_token_budget(tiny_model_path: Pa
     assert len(loop.rows) == 3 and len(loop.pending) == 1 and len(running.generated) == 2
     loop.step()
     assert len(loop.rows) == 4 and not loop.pending and len(running.generated) == 3
+
+
+@IN_MODULE_LOOP
+async def test_the_engine_decodes_on_half_the_cores_while_a_training_runs(engine: EmbeddedEngine) -> None:
+    import torch
+
+    assert engine.threads == 2
+    assert await engine.share_cores(True) == 1
+    assert await engine._call(torch.get_num_threads) == 1  # the decoding thread's own count
+    _, reasons, _ = await _answer(engine, _request(PROMPTS[1], max_tokens=2))
+    assert reasons == {0: "length"}
+    assert await engine.share_cores(False) == 2
+    assert await engine._call(torch.get_num_threads) == 2

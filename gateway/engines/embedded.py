@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -204,6 +205,26 @@ class EmbeddedEngine:
             raise EngineUnavailable("the embedded engine is not running", code="engine_unavailable")
         self._inbox.put(op)
         return await op.future
+
+    # -- threads -------------------------------------------------------------------------------
+
+    @property
+    def threads(self) -> int:
+        """Torch threads when the engine has the machine to itself: TORCH_THREADS, else every core."""
+        return self._threads or os.cpu_count() or 1
+
+    async def share_cores(self, training: bool) -> int:
+        """While a training job runs beside it on this machine, decode with half the threads (the job gets the
+        rest: see `training_threads`); back to all of them when it ends. Returns the threads now used."""
+        threads = max(1, self.threads // 2) if training else self.threads
+
+        def apply() -> None:
+            import torch
+
+            torch.set_num_threads(threads)
+
+        await self._call(apply)
+        return threads
 
     # -- adapters ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class RegistryFollower:
         self.poll_seconds = poll_seconds
         self.revision = 0  # the registry revision whose changes this replica has applied
         self._task: asyncio.Task[None] | None = None
+        self._catching_up = asyncio.Lock()  # the loop and a local writer may both ask; one applies at a time
 
     async def mark_synced(self) -> None:
         """Take the registry's revision as applied: call it *before* a full sync, so that a change made during
@@ -47,15 +48,18 @@ class RegistryFollower:
             self._task = None
 
     async def catch_up(self) -> bool:
-        """Apply what changed since the last call; True if anything had."""
-        changes = await asyncio.to_thread(self.registry.changes_since, self.revision)
-        if changes.revision == self.revision:
-            return False
-        if changes.prompts is None:
-            log.warning("registry change log no longer reaches revision %d: reloading every prompt", self.revision)
-        await self._apply(changes.prompts)
-        self.revision = changes.revision
-        return True
+        """Apply what changed since the last call; True if anything had. A writer of this replica that wants its
+        change served here at once (not at the next poll) calls it too."""
+        async with self._catching_up:
+            changes = await asyncio.to_thread(self.registry.changes_since, self.revision)
+            if changes.revision == self.revision:
+                return False
+            if changes.prompts is None:
+                log.warning("registry change log no longer reaches revision %d: reloading every prompt",
+                            self.revision)
+            await self._apply(changes.prompts)
+            self.revision = changes.revision
+            return True
 
     async def _loop(self) -> None:
         while True:

@@ -170,7 +170,8 @@ class PromptService:
             if model_id == current:
                 return  # a newer one did not load here: stay on this one
             try:
-                await self._load_and_warm(model_id, Path(version.path or ""))
+                if model_id not in self.engine.loaded_adapters():  # a version's folder never changes: no reload
+                    await self._load_and_warm(model_id, Path(version.path or ""))
             except EngineUnavailable as exc:
                 log.warning("engine unavailable (%s); %s will be loaded when it is back", exc.message, model_id)
             except APIError as exc:
@@ -295,26 +296,17 @@ class PromptService:
             raise InvalidInput(exc.message, param=param, code=exc.code) from exc
 
     async def activate_trained(self, name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
-        """Load a freshly trained version, warm it, and route to it; a failure leaves the old one in service."""
+        """Load and warm a freshly trained version on this replica (the job runner staged it `loading`). The runner
+        then publishes it, `ready` under its job's lease, and this replica routes to it as it follows the registry
+        (at once: the runner's `versions_changed` catches up), the others within REGISTRY_POLL_SECONDS. False if
+        it did not load (why: in the log); the old version stays in service."""
         model_id = adapter_model_id(name, version)
         try:
-            await asyncio.to_thread(self.registry.update_version, name, version, status="loading", path=str(path),
-                                    manifest=manifest)
-            await self.refresh_gauge()
             async with self._lock:
                 await self._load_and_warm(model_id, path)
-                await asyncio.to_thread(self.registry.update_version, name, version, status="ready")
-                await self._replace_active(name, model_id, takes_bare_query(manifest))
-        except NotFoundError:
-            return False  # deleted meanwhile
         except APIError as exc:
             log.error("trained adapter %s did not load: %s", model_id, exc.message)
-            with contextlib.suppress(NotFoundError):
-                await asyncio.to_thread(self.registry.update_version, name, version, status="failed",
-                                        error=f"the trained adapter did not load: {exc.message}")
             return False
-        finally:
-            await self.refresh_gauge()
         return True
 
     async def add_adapter(self, name: str, adapter_path: str) -> VersionRecord:
