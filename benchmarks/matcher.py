@@ -183,7 +183,7 @@ def startup_once(database_url: str, count: int, max_prompts: int,
                  counter: TokenCounter | None, token_sample: int) -> dict[str, Any]:
     """Time each step of a gateway's start-up on a registry that already holds `count` prompts."""
     from gateway.metrics import GatewayMetrics
-    from gateway.prompts.service import template_from_record
+    from gateway.prompts.records import template_from_record
     from gateway.registry.store import PromptRegistry
 
     row: dict[str, Any] = {"templates": count}
