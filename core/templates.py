@@ -45,49 +45,51 @@ class Slot:
 Part = str | Slot
 
 
+_BRACE = re.compile(r"\{\{|\}\}|[{}]")  # an escaped brace pair first, then a lone brace
+
+
 def parse_text(text: str, param: str) -> tuple[Part, ...]:
-    """Split template text into static strings and slots; raises TemplateError on bad braces."""
+    """Split template text into static strings and slots; raises TemplateError on bad braces.
+
+    Jumps from brace to brace (a regex search), so a long template costs its number of braces, not of
+    characters, in Python: start-up parses every registered template."""
     parts: list[Part] = []
     buf: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "{":
-            if i + 1 < n and text[i + 1] == "{":
-                buf.append("{")
-                i += 2
-                continue
-            end = text.find("}", i + 1)
-            if end == -1:
-                raise TemplateError(f"unbalanced '{{' at character {i}", param)
-            name = text[i + 1 : end]
-            if not SLOT_NAME.fullmatch(name):
-                raise TemplateError(
-                    f"invalid slot name {name!r} at character {i}: use letters, digits and '_' "
-                    "(write '{{' and '}}' for literal braces)",
-                    param,
-                )
-            if buf:
-                parts.append("".join(buf))
-                buf = []
-            elif parts and isinstance(parts[-1], Slot):
-                raise TemplateError(
-                    f"slots {{{parts[-1].name}}} and {{{name}}} touch: put static text between them",
-                    param,
-                )
-            parts.append(Slot(name))
-            i = end + 1
-        elif ch == "}":
-            if i + 1 < n and text[i + 1] == "}":
-                buf.append("}")
-                i += 2
-                continue
+    pos = 0
+    while (found := _BRACE.search(text, pos)) is not None:
+        i = found.start()
+        buf.append(text[pos:i])
+        token = found.group()
+        if token in ("{{", "}}"):
+            buf.append(token[0])
+            pos = found.end()
+            continue
+        if token == "}":
             raise TemplateError(f"unbalanced '}}' at character {i}", param)
-        else:
-            buf.append(ch)
-            i += 1
-    if buf:
-        parts.append("".join(buf))
+        end = text.find("}", i + 1)
+        if end == -1:
+            raise TemplateError(f"unbalanced '{{' at character {i}", param)
+        name = text[i + 1 : end]
+        if not SLOT_NAME.fullmatch(name):
+            raise TemplateError(
+                f"invalid slot name {name!r} at character {i}: use letters, digits and '_' "
+                "(write '{{' and '}}' for literal braces)",
+                param,
+            )
+        static = "".join(buf)
+        buf = []
+        if static:
+            parts.append(static)
+        elif parts and isinstance(parts[-1], Slot):
+            raise TemplateError(
+                f"slots {{{parts[-1].name}}} and {{{name}}} touch: put static text between them",
+                param,
+            )
+        parts.append(Slot(name))
+        pos = end + 1
+    static = "".join(buf) + text[pos:]
+    if static:
+        parts.append(static)
     return tuple(parts)
 
 

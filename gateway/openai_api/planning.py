@@ -174,7 +174,7 @@ class Planner:
         entry = self.prompts.routable(match.name)
         if entry is None:  # deleted between detection and now
             return Plan(endpoint, model, "passthrough", "", request)
-        original = self.counter.original_tokens(entry.static_tokens, match.values)
+        original = self.counter.original_tokens(self.prompts.static_tokens(entry), match.values)
         if entry.adapter is None:
             return Plan(endpoint, model, "fallback", entry.name, request, original_tokens=original)
         if not entry.bare:  # trained with the prompt kept: the adapter gets the request as sent

@@ -20,7 +20,7 @@ class RoutablePrompt:
 
     name: str
     template: PromptTemplate
-    static_tokens: int
+    static_tokens: int | None  # the template's tokens without slot values; None: not counted yet (start-up)
     adapter: str | None  # the engine's adapter name (`<prompt>@v<N>`) once a version is ready
     bare: bool = True  # False for adapters trained on the full prompt (kept at inference)
     tenant: str | None = None  # None: global, matched for every caller
@@ -83,6 +83,20 @@ class RoutingTable:
             self._by_adapter[entry.adapter] = entry
         if old is None or old.template is not entry.template or old.tenant != entry.tenant:
             self._matcher_of(entry.tenant).add(name, entry.template)
+
+    def publish_many(self, entries: list[RoutablePrompt]) -> None:
+        """Route many prompts not routed yet (start-up): each matcher takes its share in one bulk load."""
+        by_tenant: dict[str | None, list[RoutablePrompt]] = {}
+        for entry in entries:
+            if entry.name in self._routes:
+                self.publish(entry.name, entry)
+                continue
+            self._routes[entry.name] = entry
+            if entry.adapter is not None:
+                self._by_adapter[entry.adapter] = entry
+            by_tenant.setdefault(entry.tenant, []).append(entry)
+        for tenant, group in by_tenant.items():
+            self._matcher_of(tenant).add_many((e.name, e.template) for e in group)
 
     def _matcher_of(self, tenant: str | None) -> Matcher:
         if tenant is None:

@@ -90,6 +90,17 @@ class PromptService:
     def match_completion(self, prompt: str, tenant: str | None = None) -> Match | None:
         return self.routing.match_completion(prompt, tenant)
 
+    def static_tokens(self, entry: RoutablePrompt) -> int:
+        """The template's tokens without slot values: counted at registration, or, for a prompt loaded at
+        start-up, at its first match here (once: a few milliseconds for a long template)."""
+        if entry.static_tokens is not None:
+            return entry.static_tokens
+        counted = replace(entry, static_tokens=self.counter.static_tokens(entry.template))
+        if self.routing.get(entry.name) is entry:
+            self.routing.publish(entry.name, counted)
+        assert counted.static_tokens is not None
+        return counted.static_tokens
+
     def _publish(self, entry: RoutablePrompt | None, name: str) -> None:
         if entry is not None and self.routing.get(name) is None:
             self.metrics.track_prompt(name)
@@ -104,22 +115,34 @@ class PromptService:
     # -- start-up ------------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Rebuild matcher and engine from the registry (gateway start, engine restart)."""
+        """Build routing and engine adapters from the registry (start-up). Costs one registry read and one pass
+        over the prompts however many there are (100,000 prompts: `promptintern bench matcher --startup`);
+        only prompts with a ready version touch the engine."""
         await asyncio.to_thread(self.settings.resolved_import_dir.mkdir, parents=True, exist_ok=True)
         leftovers = await asyncio.to_thread(self.store.remove_staging_leftovers)
         for path in leftovers:
             log.warning("removed a half-written adapter folder: %s", path)
-        for record in await asyncio.to_thread(self.registry.all):
+        records = await asyncio.to_thread(self.registry.routing_records)
+        for record in records:
             for version in record.versions:
                 # Another replica may be loading a version right now: only one left loading for long was abandoned.
                 if version.status == "loading" and utcnow() - version.created > LOADING_STALE_AFTER:
                     await asyncio.to_thread(self.registry.update_version, record.name, version.version,
                                             status="failed", error="interrupted: the gateway stopped while loading")
-            template = template_from_record(record)
-            static = await asyncio.to_thread(self.counter.static_tokens, template)
-            self._publish(RoutablePrompt(record.name, template, static, None, tenant=record.tenant), record.name)
-            await self._activate_newest(record.name)
+        entries = await asyncio.to_thread(self._entries, records)
+        for entry in entries:
+            self.metrics.track_prompt(entry.name)
+        self.routing.publish_many(entries)
+        for record in records:
+            if any(v.status == "ready" for v in record.versions):
+                await self._activate_newest(record.name)
         await self.refresh_gauge()
+
+    @staticmethod
+    def _entries(records: list[PromptRecord]) -> list[RoutablePrompt]:
+        """Blocking: each prompt's routing entry, without an adapter yet; its static tokens are counted at its
+        first match (tokenising 100,000 long templates would take minutes of start-up)."""
+        return [RoutablePrompt(r.name, template_from_record(r), None, None, tenant=r.tenant) for r in records]
 
     async def close(self) -> None:
         """Stop draining old versions (the engine closes next anyway)."""
