@@ -60,7 +60,7 @@ def run(settings: Settings, requests: int = 40) -> dict[str, Any]:
 
 def _measure(gateway: LocalGateway, requests: int) -> dict[str, Any]:
     engine = gateway.app.state.engine
-    service = gateway.app.state.inference
+    planner = gateway.app.state.planner
     template = parse_template(messages=TEMPLATE)
     full = template.render({"query": QUERY})
     bare = bare_query_messages(template, {"query": QUERY})
@@ -107,7 +107,7 @@ def _measure(gateway: LocalGateway, requests: int) -> dict[str, Any]:
     plan_times = []
     for _ in range(2000):
         started = time.perf_counter()
-        service.plan_chat(parsed)
+        planner.plan_chat(parsed)
         plan_times.append(time.perf_counter() - started)
     return {"times": times, "plan": plan_times}
 

@@ -209,7 +209,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # The first guess of a static file's type reads the system's MIME tables: once, here, not in a request.
         await asyncio.to_thread(mimetypes.init)
         model_dir = await asyncio.to_thread(base_model_dir, settings)
-        metrics = GatewayMetrics(max_prompts=settings.metrics_max_prompts)
+        metrics = GatewayMetrics(max_prompts=settings.metrics_max_prompts, tenants=settings.tenants)
         registry = await asyncio.to_thread(lambda: PromptRegistry(settings.resolved_database_url))
         store = await asyncio.to_thread(AdapterStore, settings.adapter_dir)
         the_engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)

@@ -4,7 +4,8 @@ The `prompt` label is bounded too: the first `max_prompts` prompts seen (registe
 counted) get series of their own, every later one is counted under `prompt="other"`, so a registry
 of 100,000 prompts cannot grow `/metrics` (and Prometheus) without bound. A prompt keeps its series
 for the life of the process; `none` (no prompt matched) and `other` are always there, at 0 from the
-start, and take no place.
+start, and take no place. The savings counters also carry a `tenant` label: a tenant of `API_KEYS` or
+`none` (requests of no tenant), bounded by the configuration.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5
 ADAPTER_STATUSES = ("training", "loading", "ready", "failed")
 ROUTES = ("adapter", "fallback", "passthrough")
 NO_PROMPT = "none"
+NO_TENANT = "none"
 OTHER_PROMPT = "other"
 DEFAULT_MAX_PROMPTS = 500
 
@@ -51,21 +53,23 @@ class PerPromptCounter:
         self.counter = counter
         self._labels = labels
 
-    def labels(self, prompt: str, **others: str) -> Counter:
-        return self.counter.labels(prompt=self._labels(prompt), **others)
+    def labels(self, prompt: str, tenant: str = NO_TENANT, **others: str) -> Counter:
+        return self.counter.labels(prompt=self._labels(prompt), tenant=tenant, **others)
 
 
 class GatewayMetrics:
     """The gateway's metrics on their own registry, so every app (and test) has a clean set."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS,
+                 tenants: frozenset[str] = frozenset()) -> None:
         self.registry = registry or CollectorRegistry()
+        self.tenants = tenants
         self.prompt_labels = PromptLabels(max_prompts)
         r = self.registry
         per_prompt = self.prompt_labels
         self.requests = PerPromptCounter(Counter(
             "promptintern_requests", "Requests answered, by matched prompt and route",
-            ["prompt", "route"], registry=r,
+            ["prompt", "tenant", "route"], registry=r,
         ), per_prompt)
         self.request_errors = Counter(
             "promptintern_request_errors", "Requests that ended in an error, by route and HTTP status",
@@ -73,21 +77,22 @@ class GatewayMetrics:
         )
         self.original_prompt_tokens = PerPromptCounter(Counter(
             "promptintern_original_prompt_tokens", "Prompt tokens the apps sent (before stripping)",
-            ["prompt"], registry=r,
+            ["prompt", "tenant"], registry=r,
         ), per_prompt)
         self.sent_prompt_tokens = PerPromptCounter(Counter(
-            "promptintern_sent_prompt_tokens", "Prompt tokens the model processed", ["prompt"], registry=r,
+            "promptintern_sent_prompt_tokens", "Prompt tokens the model processed", ["prompt", "tenant"],
+            registry=r,
         ), per_prompt)
         self.saved_prompt_tokens = PerPromptCounter(Counter(
             "promptintern_saved_prompt_tokens", "Prompt tokens removed by routing to an adapter",
-            ["prompt"], registry=r,
+            ["prompt", "tenant"], registry=r,
         ), per_prompt)
         self.saved_cost = PerPromptCounter(Counter(
             "promptintern_saved_cost_usd", "Input cost saved at the configured price (USD)",
-            ["prompt"], registry=r,
+            ["prompt", "tenant"], registry=r,
         ), per_prompt)
         self.completion_tokens = PerPromptCounter(Counter(
-            "promptintern_completion_tokens", "Completion tokens generated", ["prompt"], registry=r,
+            "promptintern_completion_tokens", "Completion tokens generated", ["prompt", "tenant"], registry=r,
         ), per_prompt)
         self.request_duration = Histogram(
             "promptintern_request_duration_seconds", "Time from request to last byte, by route",
@@ -109,16 +114,21 @@ class GatewayMetrics:
         self.track_prompt(NO_PROMPT)
         self.track_prompt(OTHER_PROMPT)
 
-    def track_prompt(self, prompt: str) -> None:
-        """Export a registered prompt's series at 0 right away, so `rate()` sees them start from zero (a prompt
-        past the cap is counted under `other`, already there)."""
+    def tenant_label(self, tenant: str | None) -> str:
+        """A configured tenant's name, else `none`: the label stays bounded by the configuration."""
+        return tenant if tenant is not None and tenant in self.tenants else NO_TENANT
+
+    def track_prompt(self, prompt: str, tenant: str | None = None) -> None:
+        """Export a registered prompt's series (for its tenant, `none` for a global prompt) at 0 right away, so
+        `rate()` sees them start from zero (a prompt past the cap is counted under `other`, already there)."""
         if self.prompt_labels(prompt) != prompt:
             return
+        label = self.tenant_label(tenant)
         for route in ROUTES:
-            self.requests.labels(prompt=prompt, route=route)
+            self.requests.labels(prompt=prompt, tenant=label, route=route)
         for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,
                         self.saved_cost, self.completion_tokens):
-            counter.labels(prompt=prompt)
+            counter.labels(prompt=prompt, tenant=label)
 
     def set_adapter_counts(self, counts: dict[str, int]) -> None:
         for status in ADAPTER_STATUSES:

@@ -76,3 +76,16 @@ def test_without_the_benchmarks_bench_says_how_to_install_them(
         assert _exit_status(argv) == 2
         assert _one_line(capsys) == "promptintern bench: the benchmarks are not installed: pip install -e .[bench]"
     assert build_parser().parse_args(["admin-key"]).command == "admin-key"  # the rest of the CLI is unaffected
+
+
+def test_bench_gateway_measures_every_condition_on_the_tiny_model(tiny_model_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A short real run (one round): each condition timed, the planner timed, the table printed."""
+    from benchmarks import gateway
+    from core.config import Settings
+
+    rows = gateway.run(Settings(base_model=tiny_model_path), requests=1)
+    assert {k: len(v) for k, v in rows["times"].items()} == {
+        "engine_bare": 1, "gateway_adapter": 1, "engine_plain": 1, "gateway_passthrough": 1}
+    assert len(rows["plan"]) == 2000 and min(rows["plan"]) > 0
+    assert "added latency (median difference)" in capsys.readouterr().out

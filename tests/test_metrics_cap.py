@@ -45,10 +45,10 @@ def test_prompts_past_the_cap_share_the_other_series() -> None:
     for name in ("p1", "p3", "p4", NO_PROMPT):
         metrics.requests.labels(prompt=name, route="fallback").inc()
         metrics.saved_prompt_tokens.labels(prompt=name).inc(10)
-    assert metrics.requests.counter.labels(prompt="p1", route="fallback")._value.get() == 1
-    assert metrics.requests.counter.labels(prompt=OTHER_PROMPT, route="fallback")._value.get() == 2
-    assert metrics.saved_prompt_tokens.counter.labels(prompt=OTHER_PROMPT)._value.get() == 20
-    assert metrics.saved_prompt_tokens.counter.labels(prompt=NO_PROMPT)._value.get() == 10
+    assert metrics.requests.counter.labels(prompt="p1", tenant="none", route="fallback")._value.get() == 1
+    assert metrics.requests.counter.labels(prompt=OTHER_PROMPT, tenant="none", route="fallback")._value.get() == 2
+    assert metrics.saved_prompt_tokens.counter.labels(prompt=OTHER_PROMPT, tenant="none")._value.get() == 20
+    assert metrics.saved_prompt_tokens.counter.labels(prompt=NO_PROMPT, tenant="none")._value.get() == 10
     assert prompts_of(metrics) == {NO_PROMPT, OTHER_PROMPT, "p1", "p2"}
 
 
@@ -58,7 +58,7 @@ def test_a_prompt_first_seen_in_traffic_takes_a_free_place() -> None:
     metrics.track_prompt("registered-later")
     metrics.completion_tokens.labels(prompt="registered-later").inc(7)
     assert prompts_of(metrics) == {NO_PROMPT, OTHER_PROMPT, "seen"}
-    assert metrics.completion_tokens.counter.labels(prompt=OTHER_PROMPT)._value.get() == 7
+    assert metrics.completion_tokens.counter.labels(prompt=OTHER_PROMPT, tenant="none")._value.get() == 7
 
 
 def test_a_cap_of_zero_counts_every_prompt_as_other() -> None:
@@ -104,7 +104,8 @@ def test_a_live_gateway_counts_prompts_past_the_cap_as_other(tiny_model_path: Pa
         found = series(httpx.get(f"{server.url}/metrics").text)
     labels = {dict(labels)["prompt"] for _, labels in found}
     assert labels == {NO_PROMPT, OTHER_PROMPT, "first"}
-    other = (("prompt", OTHER_PROMPT), ("route", "fallback"))
+    other = (("prompt", OTHER_PROMPT), ("route", "fallback"), ("tenant", "none"))
     assert found[("promptintern_requests_total", other)] == 1
-    assert found[("promptintern_requests_total", (("prompt", "first"), ("route", "fallback")))] == 0
-    assert found[("promptintern_original_prompt_tokens_total", (("prompt", OTHER_PROMPT),))] > 0
+    first = (("prompt", "first"), ("route", "fallback"), ("tenant", "none"))
+    assert found[("promptintern_requests_total", first)] == 0
+    assert found[("promptintern_original_prompt_tokens_total", (("prompt", OTHER_PROMPT), ("tenant", "none")))] > 0

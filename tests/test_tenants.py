@@ -115,3 +115,21 @@ def test_an_unknown_tenant_is_a_422_naming_the_configured_ones(client: TestClien
 def test_admin_routes_stay_on_the_admin_key(client: TestClient) -> None:
     response = client.get("/v1/prompts", headers=as_("alpha"))
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_admin_key"
+
+
+def test_savings_are_counted_per_tenant_with_a_bounded_label(client: TestClient, admin: dict[str, str]) -> None:
+    """`tenant` is a configured tenant or `none` (keys of no tenant): it can never take a value from a request."""
+    assert client.post("/v1/prompts", headers=admin,
+                       json={"name": "counted", "tenant": "beta", "messages": TEMPLATE}).status_code == 201
+    try:
+        for tenant in ("beta", "beta", None):
+            ask(client, tenant)
+        text = client.get("/metrics").text
+        lines = [line for line in text.splitlines() if line.startswith("promptintern_requests_total{")]
+        assert 'promptintern_requests_total{prompt="counted",route="fallback",tenant="beta"} 2.0' in lines
+        passthrough = [line for line in lines if line.startswith(
+            'promptintern_requests_total{prompt="none",route="passthrough",tenant="none"}')]
+        assert len(passthrough) == 1 and float(passthrough[0].split()[-1]) >= 1  # with the module's other tests
+        assert {line.split('tenant="')[1].split('"')[0] for line in lines} <= {"alpha", "beta", "none"}
+    finally:
+        client.delete("/v1/prompts/counted", headers=admin)

@@ -47,6 +47,7 @@ class Plan:
     fallback: EngineRequest | None = None
     original_tokens: int | None = None  # None: count = what the engine reports
     expected_sent_tokens: int | None = None
+    tenant: str | None = None  # the tenant of the caller's API key
 
     @property
     def prompt_label(self) -> str:
@@ -106,7 +107,7 @@ class Planner:
         """Plan a request (of the caller's tenant), counting refusals that happen before a route is chosen
         (route `none`)."""
         try:
-            return plan(body, tenant)
+            return replace(plan(body, tenant), tenant=tenant)
         except APIError as exc:
             self.metrics.request_errors.labels(route=NO_PROMPT, code=str(exc.status_code)).inc()
             raise

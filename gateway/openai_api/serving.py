@@ -185,12 +185,13 @@ class InferenceService:
         saved = max(0, original - sent)
         label = plan.prompt_label
         m = self.metrics
-        m.requests.labels(prompt=label, route=plan.route).inc()
-        m.original_prompt_tokens.labels(prompt=label).inc(original)
-        m.sent_prompt_tokens.labels(prompt=label).inc(sent)
-        m.saved_prompt_tokens.labels(prompt=label).inc(saved)
-        m.saved_cost.labels(prompt=label).inc(saved / 1000 * self.settings.price_input_per_1k)
-        m.completion_tokens.labels(prompt=label).inc(usage.completion_tokens)
+        tenant = m.tenant_label(plan.tenant)
+        m.requests.labels(prompt=label, tenant=tenant, route=plan.route).inc()
+        m.original_prompt_tokens.labels(prompt=label, tenant=tenant).inc(original)
+        m.sent_prompt_tokens.labels(prompt=label, tenant=tenant).inc(sent)
+        m.saved_prompt_tokens.labels(prompt=label, tenant=tenant).inc(saved)
+        m.saved_cost.labels(prompt=label, tenant=tenant).inc(saved / 1000 * self.settings.price_input_per_1k)
+        m.completion_tokens.labels(prompt=label, tenant=tenant).inc(usage.completion_tokens)
         m.request_duration.labels(route=plan.route).observe(time.perf_counter() - started)
         if ttft is not None:
             m.time_to_first_token.labels(route=plan.route).observe(ttft)

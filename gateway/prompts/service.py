@@ -103,7 +103,7 @@ class PromptService:
 
     def _publish(self, entry: RoutablePrompt | None, name: str) -> None:
         if entry is not None and self.routing.get(name) is None:
-            self.metrics.track_prompt(name)
+            self.metrics.track_prompt(name, entry.tenant)
         self.routing.publish(name, entry)
 
     async def refresh_gauge(self) -> None:
@@ -131,7 +131,7 @@ class PromptService:
                                             status="failed", error="interrupted: the gateway stopped while loading")
         entries = await asyncio.to_thread(self._entries, records)
         for entry in entries:
-            self.metrics.track_prompt(entry.name)
+            self.metrics.track_prompt(entry.name, entry.tenant)
         self.routing.publish_many(entries)
         for record in records:
             if any(v.status == "ready" for v in record.versions):
