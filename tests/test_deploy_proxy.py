@@ -37,7 +37,7 @@ if HAPROXY is None:
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-PASSTHROUGH = 'promptintern_requests_total{prompt="none",route="passthrough"}'
+PASSTHROUGH = 'promptintern_requests_total{prompt="none",route="passthrough",tenant="none"}'
 WAIT = 60.0  # seconds: an upper bound for HAProxy's checks to see a change (every 2 s, 2 in a row)
 
 

@@ -356,7 +356,7 @@ def _sample(text: str, series: str) -> float:
 
 
 def test_metrics_count_routes_and_adapters(tiny_server: LiveServer) -> None:
-    passthrough = 'promptintern_requests_total{prompt="none",route="passthrough"}'
+    passthrough = 'promptintern_requests_total{prompt="none",route="passthrough",tenant="none"}'
     unknown_model = 'promptintern_request_errors_total{code="404",route="none"}'
     too_long = 'promptintern_request_errors_total{code="400",route="passthrough"}'
     before = httpx.get(f"{tiny_server.url}/metrics").text

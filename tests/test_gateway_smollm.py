@@ -213,14 +213,14 @@ def test_metrics_show_saved_tokens(server: LiveServer, client: openai.OpenAI) ->
     text = httpx.get(f"{server.url}/metrics").text
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    saved = samples['promptintern_saved_prompt_tokens_total{prompt="nl2bash"}']
-    original = samples['promptintern_original_prompt_tokens_total{prompt="nl2bash"}']
-    sent = samples['promptintern_sent_prompt_tokens_total{prompt="nl2bash"}']
+    saved = samples['promptintern_saved_prompt_tokens_total{prompt="nl2bash",tenant="none"}']
+    original = samples['promptintern_original_prompt_tokens_total{prompt="nl2bash",tenant="none"}']
+    sent = samples['promptintern_sent_prompt_tokens_total{prompt="nl2bash",tenant="none"}']
     assert saved > 0 and saved == original - sent
-    assert samples['promptintern_saved_cost_usd_total{prompt="nl2bash"}'] == pytest.approx(
+    assert samples['promptintern_saved_cost_usd_total{prompt="nl2bash",tenant="none"}'] == pytest.approx(
         saved / 1000 * server.settings.price_input_per_1k)
-    assert samples['promptintern_requests_total{prompt="nl2bash",route="adapter"}'] >= 1
-    assert samples['promptintern_requests_total{prompt="none",route="passthrough"}'] >= 1
+    assert samples['promptintern_requests_total{prompt="nl2bash",route="adapter",tenant="none"}'] >= 1
+    assert samples['promptintern_requests_total{prompt="none",route="passthrough",tenant="none"}'] >= 1
     assert samples['promptintern_adapters{status="ready"}'] == 2
 
 
