@@ -29,7 +29,7 @@ PRESET_HELP = {
                     "about 10 minutes on 2 CPU cores)",
     "demo": "demo quality, for a first look: one stage with the template compressed to 30% and 1 example, "
             "then the bare query, 60 steps of 4 rows whatever the data size (the NL2Bash example: about "
-            "2 minutes on 2 CPU cores); train with promptintern for an adapter worth serving",
+            "3 minutes on 2 CPU cores); train with promptintern for an adapter worth serving",
     "direct": "baseline: the bare query from the start, as many steps as promptintern",
     "full_prompt": "baseline: the registered prompt throughout, kept at inference, as many steps as promptintern",
     "none": "no training (evaluate the base model only)",

@@ -60,7 +60,7 @@ class TrainSpec(BaseModel):
                                                "(PROMPTINTERN_IMPORT_DIR), relative to it or absolute "
                                                "(or give `data`).")
     schedule: dict[str, Any] | None = Field(
-        None, description="`preset` (default `promptintern`; `demo` trains in about 2 minutes on 2 cores, demo "
+        None, description="`preset` (default `promptintern`; `demo` trains in about 3 minutes on 2 cores, demo "
                           "quality) and overrides of its fields; steps, batch size, learning rate and rows are "
                           "bounded.")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
