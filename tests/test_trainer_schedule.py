@@ -145,7 +145,7 @@ def test_demo_preset_is_short_fixed_and_says_it_is_demo_quality() -> None:
     assert demo.total_steps(20) == demo.total_steps(206) == demo.total_steps(10_000) == sum(demo.steps_per_stage)
     assert demo.total_steps(206) * demo.batch_size < preset("promptintern").total_steps(206) * 8 / 4
     assert demo.inference == "bare" and demo.name == "demo"
-    assert "demo quality" in PRESET_HELP["demo"] and "2 minutes" in PRESET_HELP["demo"]
+    assert "demo quality" in PRESET_HELP["demo"] and "3 minutes" in PRESET_HELP["demo"]
     assert set(PRESETS) == set(PRESET_HELP) and "demo" in PRESETS
     assert schedule_from_overrides({"preset": "demo"}) == demo
 
