@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     register = actions.add_parser("register", help="register a template from a JSON file")
     register.add_argument("name", help="prompt name")
     register.add_argument("--file", required=True,
-                          help="JSON with `messages` (chat) or `prompt` (completion), optional `examples`, `train`")
+                          help="JSON with `messages` (chat) or `prompt` (completion), optional `examples`, `train`, "
+                               "`tenant`")
     register.add_argument("--adapter", help="a local PEFT LoRA folder (safetensors) to upload and serve for it")
     actions.add_parser("list", help="list prompts")
     for action, text in (("show", "show one prompt"), ("delete", "delete a prompt, its adapters and jobs")):
