@@ -8,10 +8,7 @@ reached it at all.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,12 +19,11 @@ import httpx
 import pytest
 
 from gateway.local_server import LocalGateway, free_port
-from tests.conftest import ADMIN_KEY, REPO, gateway_settings
+from tests.conftest import gateway_settings
+from tests.upstream_server import MODEL, UPSTREAM_KEY, UpstreamProcess
 from trainer.lora import random_lora
 
-UPSTREAM_KEY = "upstream-own-key"
 CLIENT_KEY = "client-key"
-MODEL = "gpt-4o-mini"
 TEMPLATE = [
     {"role": "system", "content": "Answer with one shell command.\nInput: show files\nOutput: ls\n"
                                   "Input: show the date\nOutput: date"},
@@ -40,48 +36,6 @@ HELLO = [{"role": "user", "content": "x"}]
 
 def full(query: str) -> list[dict[str, str]]:
     return [TEMPLATE[0], {"role": "user", "content": f"Input: {query}\nOutput:"}]
-
-
-class UpstreamProcess:
-    """`promptintern serve` in a child process: the upstream provider the front gateway relays to."""
-
-    def __init__(self, tmp: Path, model_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PROMPTINTERN_PORT": str(self.port),
-               "PROMPTINTERN_DATA_DIR": str(tmp / "data"), "PROMPTINTERN_ADAPTER_DIR": str(tmp / "adapters"),
-               "PROMPTINTERN_BASE_MODEL": str(model_path), "PROMPTINTERN_ADMIN_KEY": ADMIN_KEY,
-               "PROMPTINTERN_API_KEYS": UPSTREAM_KEY, "PROMPTINTERN_MODEL_ALIASES": MODEL,
-               "PROMPTINTERN_TORCH_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from gateway.cli import main; main(['serve', '--log-level', 'warning'])"],
-            env=env, cwd=tmp)
-
-    def __enter__(self) -> UpstreamProcess:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the upstream gateway exited"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the upstream gateway did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def requests(self) -> float:
-        """Requests the upstream answered or refused after planning (its own counters)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        names = ("promptintern_requests_total{", "promptintern_request_errors_total{")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names))
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +120,12 @@ def test_a_stream_is_relayed_chunk_by_chunk_and_the_added_usage_chunk_kept_from_
         front: LocalGateway, upstream: UpstreamProcess) -> None:
     body = {"messages": [{"role": "user", "content": "tell me a story"}]}
     whole = post(upstream.url, body, headers=UPSTREAM).json()
+    sent_before = metric(front.url, "promptintern_sent_prompt_tokens_total", prompt="none")
     data = streamed(front.url, body)
     assert data[-1] == "[DONE]"
+    # The gateway asked for the usage chunk all the same, and counted what the upstream billed.
+    assert metric(front.url, "promptintern_sent_prompt_tokens_total",
+                  prompt="none") == sent_before + whole["usage"]["prompt_tokens"]
     chunks = [json.loads(d) for d in data[:-1]]
     assert len(chunks) > 2 and all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert not any(c.get("usage") for c in chunks)
@@ -267,3 +225,48 @@ def test_upstream_slower_than_the_read_timeout_is_a_504(upstream: UpstreamProces
         error = assert_openai_error(post(impatient.url, body), 504)
         assert "upstream" in error["message"] and time.monotonic() - started < 10
         assert metric(impatient.url, "promptintern_upstream_requests_total", route="passthrough", code="504") == 1
+
+
+def test_an_adapter_refusing_a_field_sends_the_request_to_the_upstream(front: LocalGateway, upstream: UpstreamProcess,
+                                                                       tiny_model_path: Path) -> None:
+    """Locally the adapter cannot honour `guided_regex`; the upstream judges it (this one refuses it too)."""
+    template = [{"role": "system", "content": "Translate to French, one word.\nEnglish: cat\nFrench: chat"},
+                {"role": "user", "content": "English: {word}\nFrench:"}]
+    folder = random_lora(tiny_model_path, front.settings.resolved_import_dir / "french", seed=12, scale=20.0)
+    with front.admin() as admin:
+        registered = admin.post("/v1/prompts", json={"name": "french", "messages": template,
+                                                     "adapter_path": str(folder)})
+        assert registered.status_code == 201, registered.text
+    messages = [template[0], {"role": "user", "content": "English: dog\nFrench:"}]
+    assert post(front.url, {"messages": messages}).headers["x-promptintern-route"] == "adapter"
+    body = {"messages": messages, "guided_regex": "[a-z]+"}
+    before = upstream.requests()
+    relayed = post(front.url, body)
+    assert upstream.requests() == before + 1
+    assert relayed.headers.get("x-promptintern-route") is None  # an error answer carries no route header
+    assert assert_openai_error(relayed, 400) == assert_openai_error(post(upstream.url, body, headers=UPSTREAM), 400)
+    assert metric(front.url, "promptintern_upstream_requests_total", route="fallback", code="400") == 1
+
+
+def test_an_upstream_dying_mid_stream_ends_the_stream_with_one_error_event(tiny_model_path: Path,
+                                                                          tmp_path: Path) -> None:
+    with UpstreamProcess(tmp_path / "up", tiny_model_path) as dying, \
+            front_gateway(tmp_path / "front", tiny_model_path, f"{dying.url}/v1") as relay:
+        payload = {"model": MODEL, "max_tokens": 400, "temperature": 0, "stream": True,
+                   "messages": [{"role": "user", "content": "write a very long essay"}]}
+        data: list[str] = []
+        started = time.monotonic()
+        with httpx.stream("POST", f"{relay.url}/v1/chat/completions", json=payload, headers=CLIENT,
+                          timeout=60) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    if len(data) == 3:
+                        dying.process.kill()
+        assert time.monotonic() - started < 60
+        assert data[-1] == "[DONE]"
+        error = json.loads(data[-2])["error"]
+        assert error["type"] == "upstream_error" and "upstream" in error["message"]
+        assert all("error" not in json.loads(d) for d in data[:-2])
+        assert metric(relay.url, "promptintern_upstream_requests_total", route="passthrough", code="502") == 1
