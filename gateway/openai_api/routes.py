@@ -28,6 +28,9 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "The engine's queue is full: retry after `Retry-After` seconds",
           "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
                                       "schema": {"type": "integer"}}}},
+    502: {"model": ErrorResponse, "description": "An upstream model's provider failed (5xx), refused the gateway's "
+                                                 "key (401/403) or could not be reached; its status is in the message"},
+    504: {"model": ErrorResponse, "description": "An upstream model's provider was slower than UPSTREAM_*_TIMEOUT"},
 }
 
 
