@@ -77,7 +77,8 @@ async def unless_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
 
 
 class _ToUpstream(Exception):
-    """An upstream model's adapter failed before answering: its fallback goes to the upstream."""
+    """This plan is the upstream's to answer: a relayed route, or the fallback of an upstream model's adapter that
+    failed before answering (raised from `start`, so both paths meet in one place)."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan.prompt)
