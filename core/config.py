@@ -103,14 +103,46 @@ class Settings(BaseSettings):
     adapter_drain_seconds: float = Field(
         30.0, ge=0, le=3600, description="On a version switch, how long the old version's in-flight requests may run "
                                          "before it is unloaded.")
+    upstream_url: str | None = Field(
+        None, description="An OpenAI-compatible provider's base URL ending in /v1 (a hosted API, another vLLM): "
+                          "requests for its models are detected, then relayed (passthrough, fallback) or answered "
+                          "by an adapter.")
+    upstream_api_key: SecretStr | None = Field(
+        None, description="The gateway's own key for the upstream (never the client's).")
+    upstream_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="The upstream's model names (comma separated), listed by /v1/models; "
+                                          "empty: every model name the gateway does not serve itself.")
+    upstream_connect_timeout: float = Field(
+        5.0, gt=0, le=600, description="Seconds to connect to the upstream before answering 504.")
+    upstream_read_timeout: float = Field(
+        120.0, gt=0, le=3600, description="Seconds the upstream may stay silent (before its answer, or between two "
+                                          "streamed chunks) before the gateway answers 504.")
     metrics_max_prompts: int = Field(
         500, ge=0, description="Prompts with `/metrics` series of their own (the first registered or counted); the "
                                "rest are counted under prompt=\"other\".")
 
-    @field_validator("model_aliases", "api_keys", "lora_targets", mode="before")
+    @field_validator("model_aliases", "api_keys", "lora_targets", "upstream_models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        url = value.rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?/v1", url):
+            raise ValueError("the upstream URL is an OpenAI-compatible base URL ending in /v1, "
+                             "e.g. https://api.openai.com/v1")
+        return url
+
+    def is_upstream_model(self, model: str) -> bool:
+        """A model the upstream serves: named in UPSTREAM_MODELS, or (when that is empty) any name but the base
+        model's. The caller looks up adapter ids first."""
+        if self.upstream_url is None or model in self.base_model_names:
+            return False
+        return not self.upstream_models or model in self.upstream_models
 
     @field_validator("api_keys")
     @classmethod

@@ -39,6 +39,7 @@ from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
 from gateway.registry.store import PromptRegistry
 from gateway.tokens import TokenCounter
+from gateway.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs/assets"
@@ -215,6 +216,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         the_engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
         await the_engine.start()
         counter = await asyncio.to_thread(TokenCounter.from_model_dir, model_dir)
+        upstream = None if settings.upstream_url is None else await asyncio.to_thread(UpstreamClient, settings)
 
         # The runner reaches the service through these callbacks only, first called after `runner.start()`.
         async def activate_trained(name: str, version: int, path: Path, manifest: dict[str, Any]) -> bool:
@@ -236,7 +238,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.prompts = prompts
         app.state.jobs = runner
         app.state.planner = Planner(settings, prompts, counter, metrics)
-        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight)
+        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream)
         app.state.follower = follower
         app.state.started_at = int(time.time())
         await follower.mark_synced()
@@ -251,6 +253,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await runner.close()
             await prompts.close()
             await the_engine.close()
+            if upstream is not None:
+                await upstream.close()
             await asyncio.to_thread(registry.close)
 
     app = FastAPI(

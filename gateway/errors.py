@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import ConflictError, DomainError, InvalidInput, NotFoundError
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer: counted, never sent
 
 
 class ErrorBody(BaseModel):

@@ -94,6 +94,11 @@ class GatewayMetrics:
         self.completion_tokens = PerPromptCounter(Counter(
             "promptintern_completion_tokens", "Completion tokens generated", ["prompt", "tenant"], registry=r,
         ), per_prompt)
+        self.upstream_requests = Counter(
+            "promptintern_upstream_requests", "Requests relayed to the upstream provider, by route (fallback or "
+            "passthrough) and status (200; 502/504: it failed or was too slow; its own 4xx; 499: the client left)",
+            ["route", "code"], registry=r,
+        )
         self.request_duration = Histogram(
             "promptintern_request_duration_seconds", "Time from request to last byte, by route",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,

@@ -32,6 +32,7 @@ from gateway.app import create_app
 from gateway.jobs import JobRunner
 from gateway.prompts.imports import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import ADMIN_KEY, gateway_settings
+from tests.upstream_server import MODEL, UPSTREAM_KEY, UpstreamProcess
 from trainer.lora import random_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
@@ -128,8 +129,16 @@ async def serving(settings: Settings, blocking: CaughtBlockingCalls) -> AsyncIte
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_model_path: Path, module_tmp: Path) -> Settings:
-    return gateway_settings(module_tmp, tiny_model_path, torch_threads=1, train_threads=1)
+def upstream(tiny_model_path: Path, module_tmp: Path) -> Iterator[UpstreamProcess]:
+    """A real upstream provider (a second gateway process), so relaying is checked under blockbuster too."""
+    with UpstreamProcess(module_tmp / "upstream", tiny_model_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_path: Path, module_tmp: Path, upstream: UpstreamProcess) -> Settings:
+    return gateway_settings(module_tmp, tiny_model_path, torch_threads=1, train_threads=1,
+                            upstream_url=f"{upstream.url}/v1", upstream_api_key=UPSTREAM_KEY, upstream_models=[MODEL])
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +218,19 @@ async def test_operations_routes(gateway: Gateway) -> None:
     assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
     assert (await client.get("/docs/assets/swagger-ui.css")).status_code == 200
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "PromptIntern gateway"
+
+
+async def test_relayed_to_the_upstream(gateway: Gateway) -> None:
+    hello = [{"role": "user", "content": "hi"}]
+    whole = await gateway.chat(hello, model=MODEL)
+    assert whole.status_code == 200 and whole.headers["x-promptintern-route"] == "passthrough", whole.text
+    assert whole.json()["usage"]["prompt_tokens"] > 0
+    events = streamed_events(await gateway.chat(hello, model=MODEL, stream=True))
+    assert not any(event.get("usage") for event in events)
+    completion = await gateway.complete("Input: list files\nOutput:", model=MODEL, stream=True)
+    assert streamed_events(completion)[-1]["object"] == "text_completion"
+    refused = await gateway.chat(hello, model=MODEL, guided_regex="[a-z]+")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "guided_regex", refused.text
 
 
 async def test_registry_reads_and_writes(gateway: Gateway) -> None:

@@ -2,7 +2,9 @@
 
 Routes: `adapter` (bare query to the prompt's ready adapter), `fallback` (matched, but no adapter
 is ready or it failed before answering: the full prompt goes to the base model) and
-`passthrough` (no registered prompt: the request goes to the base model unchanged).
+`passthrough` (no registered prompt: the request goes to the base model unchanged). A request for
+an upstream model (UPSTREAM_URL) is detected the same way; its `fallback` and `passthrough` go to
+the upstream with the body as the client sent it, its `adapter` route is answered locally.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class Plan:
     original_tokens: int | None = None  # None: count = what the engine reports
     expected_sent_tokens: int | None = None
     tenant: str | None = None  # the tenant of the caller's API key
+    upstream: bool = False  # an upstream model: fallback and passthrough are relayed to the upstream
+    upstream_body: dict[str, Any] | None = None  # the request body as the client sent it (set by the route)
+
+    @property
+    def relayed(self) -> bool:
+        """Answered by the upstream, not by the local engine."""
+        return self.upstream and self.route != "adapter"
 
     @property
     def prompt_label(self) -> str:
@@ -113,14 +122,19 @@ class Planner:
             raise
 
     def _target(self, model: str, tenant: str | None) -> RoutablePrompt | None:
-        """None for the base model (detect); the prompt for an adapter id; 404 otherwise (another tenant's
-        adapter included: its existence is not told)."""
+        """None for the base model or an upstream model (detect); the prompt for an adapter id; 404 otherwise
+        (another tenant's adapter included: its existence is not told)."""
         if model in self.settings.base_model_names:
             return None
         entry = self.prompts.by_adapter_model(model, tenant)
         if entry is None:
+            if self.settings.is_upstream_model(model):
+                return None
             raise NotFound(f"the model '{model}' does not exist", param="model", code="model_not_found")
         return entry
+
+    def _upstream(self, model: str, target: RoutablePrompt | None) -> bool:
+        return target is None and self.settings.is_upstream_model(model)
 
     def _detect(self, fn: Callable[[Any], Match | None], arg: Any) -> Match | None:
         started = time.perf_counter()
@@ -147,11 +161,16 @@ class Planner:
         match = None if special else self._detect(
             lambda pairs: self.prompts.match_chat(pairs, tenant),
             [(m.role, t) for m, t in zip(body.messages, texts, strict=True)])
-        return self._plan_match("chat", body.model, match, request)
+        return replace(self._plan_match("chat", body.model, match, request), upstream=self._upstream(body.model, None))
 
     def plan_completion(self, body: CompletionRequest, tenant: str | None = None) -> Plan:
         target = self._target(body.model, tenant)
         prompt = body.prompt
+        upstream = self._upstream(body.model, target)
+        if upstream and not (isinstance(prompt, str) and prompt):  # lists, token ids: for the upstream to judge
+            request = EngineRequest(kind="completion", params=sampling_params(body, body.max_tokens),
+                                    request_id=f"cmpl-{uuid.uuid4().hex}")
+            return Plan("completion", body.model, "passthrough", "", request, upstream=True)
         if isinstance(prompt, list):
             if len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
@@ -167,7 +186,7 @@ class Planner:
         if target is not None:
             return Plan("completion", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
         match = None if body.n > 1 else self._detect(lambda text: self.prompts.match_completion(text, tenant), prompt)
-        return self._plan_match("completion", body.model, match, request)
+        return replace(self._plan_match("completion", body.model, match, request), upstream=upstream)
 
     def _plan_match(self, endpoint: Endpoint, model: str, match: Match | None, request: EngineRequest) -> Plan:
         if match is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,6 +16,7 @@ from gateway.auth import request_tenant, require_api_key
 from gateway.errors import ERROR_RESPONSES, ErrorResponse
 from gateway.openai_api.planning import Plan, Planner
 from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai_api.relay import RelayedStream
 from gateway.openai_api.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList
 from gateway.openai_api.serving import InferenceService, StreamedAnswer
 
@@ -25,6 +28,9 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "The engine's queue is full: retry after `Retry-After` seconds",
           "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
                                       "schema": {"type": "integer"}}}},
+    502: {"model": ErrorResponse, "description": "An upstream model's provider failed (5xx), refused the gateway's "
+                                                 "key (401/403) or could not be reached; its status is in the message"},
+    504: {"model": ErrorResponse, "description": "An upstream model's provider was slower than UPSTREAM_*_TIMEOUT"},
 }
 
 
@@ -44,7 +50,7 @@ class AnswerEventStream(EventSourceResponse):
     """SSE that closes its answer when the response ends for any reason, the client leaving included (even before
     the first byte), so the engine stops generating for nobody at once rather than at garbage collection."""
 
-    body_iterator: StreamedAnswer
+    body_iterator: StreamedAnswer | RelayedStream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -62,9 +68,12 @@ async def client_gone(receive: Receive) -> None:
 async def _answer(request: Request, service: InferenceService, plan: Plan, stream: bool,
                   include_usage: bool) -> Response:
     started = time.perf_counter()
+    if plan.upstream:  # relayed as the client sent it (also the fallback of an adapter that fails)
+        plan = replace(plan, upstream_body=await request.json())
     if not stream:
         plan, body = await service.complete(plan, started, client_gone(request.receive))
-        return Response(body.model_dump_json(), media_type="application/json", headers=plan.headers())
+        content = json.dumps(body) if isinstance(body, dict) else body.model_dump_json()
+        return Response(content, media_type="application/json", headers=plan.headers())
     plan, answer = await service.open_stream(plan, started, include_usage, client_gone(request.receive))
     return AnswerEventStream(answer, headers={**plan.headers(), "cache-control": "no-cache"})
 
@@ -89,7 +98,7 @@ async def completions(request: Request, body: CompletionRequest, planner: Planni
 
 @router.get("/models", response_model=ModelList,
             summary="The base model, then every ready adapter the caller may use as `<prompt>@v<N>` (global "
-                    "prompts' and the caller's tenant's)")
+                    "prompts' and the caller's tenant's), then the upstream's models named in UPSTREAM_MODELS")
 async def list_models(request: Request) -> ModelList:
     settings = request.app.state.settings
     created = request.app.state.started_at
@@ -97,4 +106,6 @@ async def list_models(request: Request) -> ModelList:
     cards = [ModelCard(id=base, created=created, root=base)]
     cards += [ModelCard(id=model, created=created, root=base, parent=base)
               for model in request.app.state.prompts.adapter_models(request_tenant(request))]
+    if settings.upstream_url is not None:
+        cards += [ModelCard(id=model, created=created, owned_by="upstream") for model in settings.upstream_models]
     return ModelList(data=cards)

@@ -1,4 +1,5 @@
-"""Running a planned request: call the engine, fall back when an adapter fails early, account, answer.
+"""Running a planned request: call the engine (or relay it upstream), fall back when an adapter fails early,
+account, answer.
 
 A client that goes away cancels its generation, so the engine never works for nobody: a non-streamed
 request and the wait for a stream's first event race the generation against the client's disconnect,
@@ -12,16 +13,27 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi.sse import format_sse_event
 
 from core.config import Settings
-from gateway.engines.base import AdapterNotLoaded, Engine, EngineError, EngineEvent, TextDelta, ToolCallDelta, Usage
+from gateway.engines.base import (
+    AdapterNotLoaded,
+    ContextLengthExceeded,
+    Engine,
+    EngineError,
+    EngineEvent,
+    TextDelta,
+    ToolCallDelta,
+    UnsupportedParameter,
+    Usage,
+)
 from gateway.engines.inflight import AdapterUse
-from gateway.errors import APIError, InternalError
+from gateway.errors import CLIENT_CLOSED, APIError, InternalError
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
+from gateway.openai_api.relay import RelayedStream, UpstreamRelay
 from gateway.openai_api.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -29,10 +41,10 @@ from gateway.openai_api.responses import (
     UsageOut,
 )
 from gateway.openai_api.shaping import ChunkShaper, Outcome, whole_response
+from gateway.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 DONE = format_sse_event(data_str="[DONE]")
-CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer: counted, never sent
 T = TypeVar("T")
 
 
@@ -64,22 +76,46 @@ async def unless_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
     return task.result()
 
 
-class InferenceService:
-    """Runs plans on the engine and keeps the per-prompt accounts; owns no state besides its collaborators."""
+class _ToUpstream(Exception):
+    """This plan is the upstream's to answer: a relayed route, or the fallback of an upstream model's adapter that
+    failed before answering (raised from `start`, so both paths meet in one place)."""
 
-    def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse) -> None:
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan.prompt)
+        self.plan = plan
+
+
+# An adapter refusing these for an upstream model sends the request to the upstream, which may honour them.
+UPSTREAM_CAN_TRY = (AdapterNotLoaded, EngineError, UnsupportedParameter, ContextLengthExceeded)
+
+
+class InferenceService:
+    """Runs plans on the engine (relayed plans on the upstream) and keeps the per-prompt accounts; owns no state
+    besides its collaborators."""
+
+    def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse,
+                 upstream: UpstreamClient | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.in_flight = in_flight  # a version switch waits for the old adapter's requests to end
+        self.relay = None if upstream is None else UpstreamRelay(upstream, metrics, self.record, self.record_error)
 
     def _generate(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         return self.in_flight.track(plan.request.adapter, self.engine.generate(plan.request))
 
     async def open_stream(self, plan: Plan, started: float, include_usage: bool,
-                          gone: Awaitable[None]) -> tuple[Plan, StreamedAnswer]:
+                          gone: Awaitable[None]) -> tuple[Plan, StreamedAnswer | RelayedStream]:
         """Start a streamed answer and wait for its first event (errors are still HTTP errors) or the client to go."""
-        plan, events, first = await unless_gone(self._counted(plan, self.start(plan)), gone)
+        try:
+            if plan.relayed:
+                raise _ToUpstream(plan)
+            plan, events, first = await unless_gone(self._counted(plan, self.start(plan)), gone)
+        except _ToUpstream as to:
+            assert self.relay is not None
+            relayed = await unless_gone(self._counted(to.plan, self.relay.open_stream(to.plan, started, include_usage)),
+                                        gone)
+            return to.plan, relayed
         return plan, StreamedAnswer(self, plan, events, first, started, include_usage)
 
     async def _counted(self, plan: Plan, work: Awaitable[T]) -> T:
@@ -101,23 +137,29 @@ class InferenceService:
         stream = self._generate(plan)
         try:
             first = await anext(stream, None)
-        except (AdapterNotLoaded, EngineError) as exc:
-            if plan.fallback is None:
+        except UPSTREAM_CAN_TRY as exc:
+            if plan.fallback is None or not (plan.upstream or isinstance(exc, AdapterNotLoaded | EngineError)):
                 raise
             log.warning("adapter %s failed (%s); answering %s with the full prompt", plan.request.adapter,
                         exc.message, plan.prompt)
             plan = plan.as_fallback()
+            if plan.relayed:
+                raise _ToUpstream(plan) from exc
             stream = self._generate(plan)
             first = await anext(stream, None)
         return plan, stream, first
 
-    async def complete(self, plan: Plan, started: float,
-                       gone: Awaitable[None]) -> tuple[Plan, ChatCompletionResponse | CompletionResponse]:
-        """The whole answer, unless the client leaves first: then generation stops and ClientClosedRequest is raised."""
+    async def complete(self, plan: Plan, started: float, gone: Awaitable[None]
+                       ) -> tuple[Plan, ChatCompletionResponse | CompletionResponse | dict[str, Any]]:
+        """The whole answer (a relayed one as the upstream's JSON), unless the client leaves first: then generation
+        stops and ClientClosedRequest is raised."""
         return await unless_gone(self._complete(plan, started), gone)
 
-    async def _complete(self, plan: Plan, started: float) -> tuple[Plan, ChatCompletionResponse | CompletionResponse]:
+    async def _complete(self, plan: Plan, started: float
+                        ) -> tuple[Plan, ChatCompletionResponse | CompletionResponse | dict[str, Any]]:
         try:
+            if plan.relayed:
+                raise _ToUpstream(plan)
             plan, stream, first = await self.start(plan)
             outcome = Outcome()
             ttft: float | None = None
@@ -128,6 +170,9 @@ class InferenceService:
                     outcome.add(event)
             finally:
                 await close_events(stream)
+        except _ToUpstream as to:
+            assert self.relay is not None
+            return to.plan, await self._counted(to.plan, self.relay.complete(to.plan, started))
         except APIError as exc:
             self.record_error(plan, exc.status_code)
             raise
@@ -180,7 +225,8 @@ class InferenceService:
     def record(self, plan: Plan, usage: Usage, started: float, ttft: float | None) -> UsageOut:
         """Count one answered request in the metrics; return its OpenAI usage with the gateway's figures."""
         sent = usage.prompt_tokens
-        # Fallback and passthrough send what the app sent, so the engine's count is the exact original.
+        # Fallback and passthrough send what the app sent, so the engine's (or the upstream's) count is the exact
+        # original, and what the upstream billed.
         original = plan.original_tokens if plan.route == "adapter" and plan.original_tokens is not None else sent
         saved = max(0, original - sent)
         label = plan.prompt_label
