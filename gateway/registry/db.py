@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, event
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, event
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.engine import Engine as SQLEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -87,6 +87,7 @@ class PromptRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     template: Mapped[Any] = mapped_column(JSON)
     examples: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {rate, max_rows}; None: off
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     versions: Mapped[list[AdapterVersionRow]] = relationship(
         back_populates="prompt", cascade="all, delete-orphan", order_by="AdapterVersionRow.version",
@@ -135,6 +136,22 @@ class TrainJobRow(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     prompt: Mapped[PromptRow] = relationship(back_populates="jobs")
+
+
+class TrafficRow(Base):
+    """One recorded `fallback` answer of a prompt: its slot values and the answer served (a training row).
+    A ring buffer per prompt: an insert beyond the prompt's `max_rows` drops the oldest."""
+
+    __tablename__ = "traffic"
+    __table_args__ = (Index("ix_traffic_prompt_id_id", "prompt_id", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    slots: Mapped[dict[str, str]] = mapped_column(JSON)
+    response: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class RunnerLeaseRow(Base):

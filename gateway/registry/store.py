@@ -25,6 +25,7 @@ from gateway.registry.db import (
     PromptRow,
     RegistryChangeRow,
     RegistryStateRow,
+    TrafficRow,
     TrainJobRow,
     database_url,
     enable_sqlite_foreign_keys,
@@ -90,6 +91,7 @@ class PromptRecord:
     created: datetime
     versions: list[VersionRecord] = field(default_factory=list)
     jobs: list[JobRecord] = field(default_factory=list)
+    record: dict[str, Any] | None = None  # recording of its fallback answers: {rate, max_rows}; None: off
 
     @property
     def active_version(self) -> VersionRecord | None:
@@ -101,6 +103,17 @@ class PromptRecord:
     def status(self) -> str:
         active = self.active_version
         return active.status if active else "registered"
+
+
+@dataclass(frozen=True)
+class TrafficRecord:
+    """One recorded answer: the request's slot values and the answer served."""
+
+    tenant: str | None
+    slots: dict[str, str]
+    response: str
+    model: str
+    created: datetime
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,7 @@ def _job(row: TrainJobRow, prompt: str) -> JobRecord:
 
 def _prompt(row: PromptRow) -> PromptRecord:
     return PromptRecord(row.name, row.tenant, row.kind, row.template, list(row.examples or []), row.created_at,
-                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs])
+                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record)
 
 
 def check_prompt_name(name: str) -> None:
@@ -222,11 +235,11 @@ class PromptRegistry:
     # -- prompts -------------------------------------------------------------------------------
 
     def create(self, name: str, kind: str, template: Any, examples: list[dict[str, str]],
-               tenant: str | None = None) -> PromptRecord:
+               tenant: str | None = None, record: dict[str, Any] | None = None) -> PromptRecord:
         check_prompt_name(name)
         with self._session() as s:
             row = PromptRow(name=name, tenant=tenant, kind=kind, template=template, examples=examples,
-                            created_at=utcnow())
+                            record=record, created_at=utcnow())
             s.add(row)
             try:
                 s.flush()  # a name taken shows here, before the change is logged
@@ -260,10 +273,10 @@ class PromptRegistry:
                 .order_by(AdapterVersionRow.prompt_id, AdapterVersionRow.version)
             ):
                 versions.setdefault(row[0], []).append(VersionRecord(*row[1:]))
-            return [PromptRecord(name, tenant, kind, template, [], created, versions.get(prompt_id, []), [])
-                    for prompt_id, name, tenant, kind, template, created in s.execute(
+            return [PromptRecord(name, tenant, kind, template, [], created, versions.get(prompt_id, []), [], record)
+                    for prompt_id, name, tenant, kind, template, created, record in s.execute(
                         select(PromptRow.id, PromptRow.name, PromptRow.tenant, PromptRow.kind, PromptRow.template,
-                               PromptRow.created_at).order_by(PromptRow.name))]
+                               PromptRow.created_at, PromptRow.record).order_by(PromptRow.name))]
 
     def delete(self, name: str) -> PromptRecord:
         with self._session() as s:
@@ -273,6 +286,61 @@ class PromptRegistry:
             self._changed(s, name)
             s.commit()
             return record
+
+    def set_record(self, name: str, record: dict[str, Any] | None) -> PromptRecord:
+        """Replace the prompt's recording setting (None: off); every replica follows it through the change log."""
+        with self._session() as s:
+            prompt_id = self._lock_prompt(s, name)
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(record=record)
+                      .execution_options(synchronize_session=False))
+            self._changed(s, name)
+            s.commit()
+        return self.get(name)
+
+    # -- recorded traffic (a ring buffer per prompt; not a routing change: no change log) ---------
+
+    def add_traffic(self, name: str, tenant: str | None, slots: dict[str, str], response: str, model: str,
+                    max_rows: int) -> bool:
+        """Keep one recorded answer, dropping the prompt's oldest beyond `max_rows`; False if the prompt is gone."""
+        with self._session() as s:
+            prompt_id = s.scalar(select(PromptRow.id).where(PromptRow.name == name))
+            if prompt_id is None:
+                return False
+            s.add(TrafficRow(prompt_id=prompt_id, tenant=tenant, slots=slots, response=response, model=model,
+                             created_at=utcnow()))
+            s.flush()
+            newest_dropped = s.scalar(select(TrafficRow.id).where(TrafficRow.prompt_id == prompt_id)
+                                      .order_by(TrafficRow.id.desc()).offset(max_rows).limit(1))
+            if newest_dropped is not None:
+                s.execute(delete(TrafficRow).where(TrafficRow.prompt_id == prompt_id, TrafficRow.id <= newest_dropped)
+                          .execution_options(synchronize_session=False))
+            try:
+                s.commit()
+            except IntegrityError:  # the prompt was deleted meanwhile
+                return False
+            return True
+
+    def traffic(self, name: str, limit: int | None = None) -> tuple[int, list[TrafficRecord]]:
+        """How many answers the prompt has recorded, and the newest `limit` of them (all: None), newest first."""
+        with self._session() as s:
+            prompt_id = self._prompt_id(s, name)
+            total = int(s.scalar(select(func.count()).select_from(TrafficRow)
+                                 .where(TrafficRow.prompt_id == prompt_id)) or 0)
+            query = (select(TrafficRow.tenant, TrafficRow.slots, TrafficRow.response, TrafficRow.model,
+                            TrafficRow.created_at)
+                     .where(TrafficRow.prompt_id == prompt_id).order_by(TrafficRow.id.desc()))
+            if limit is not None:
+                query = query.limit(limit)
+            return total, [TrafficRecord(*row) for row in s.execute(query)]
+
+    def purge_traffic(self, name: str) -> int:
+        """Delete the prompt's recorded answers; how many there were."""
+        with self._session() as s:
+            prompt_id = self._prompt_id(s, name)
+            result = s.execute(delete(TrafficRow).where(TrafficRow.prompt_id == prompt_id)
+                               .execution_options(synchronize_session=False))
+            s.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
 
     # -- adapter versions ----------------------------------------------------------------------
 
