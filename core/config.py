@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         256_000_000, ge=1024, description="Largest adapter upload (multipart POST /v1/prompts/{name}/adapters) and "
                                           "largest file read from IMPORT_DIR.")
     warm_adapters: bool = Field(True, description="Run one short request through a new adapter before use.")
+    min_traffic_rows: int = Field(
+        20, ge=1, description="Fewest recorded answers a prompt needs to train from its traffic "
+                              "(POST /v1/prompts/{name}/train {\"source\": \"traffic\"}).")
     registry_poll_seconds: float = Field(
         0.5, gt=0, le=60, description="How often a replica reads the registry's change log, to follow the changes "
                                       "other replicas make (registrations, versions, deletes).")

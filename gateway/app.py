@@ -35,6 +35,7 @@ from gateway.openai_api.planning import Planner
 from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
 from gateway.prompts.follower import RegistryFollower
+from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
 from gateway.registry.store import PromptRegistry
@@ -238,18 +239,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.prompts = prompts
         app.state.jobs = runner
         app.state.planner = Planner(settings, prompts, counter, metrics)
-        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream)
+        recorder = TrafficRecorder(registry, prompts.routable)
+        app.state.recorder = recorder
+        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder)
         app.state.follower = follower
         app.state.started_at = int(time.time())
         await follower.mark_synced()
         await prompts.sync()
         await follower.start()
+        await recorder.start()
         await runner.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
             await follower.close()
+            await recorder.close()
             await runner.close()
             await prompts.close()
             await the_engine.close()

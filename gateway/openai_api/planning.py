@@ -52,6 +52,7 @@ class Plan:
     tenant: str | None = None  # the tenant of the caller's API key
     upstream: bool = False  # an upstream model: fallback and passthrough are relayed to the upstream
     upstream_body: dict[str, Any] | None = None  # the request body as the client sent it (set by the route)
+    slots: dict[str, str] | None = None  # the matched prompt's slot values (what recording keeps)
 
     @property
     def relayed(self) -> bool:
@@ -196,11 +197,12 @@ class Planner:
             return Plan(endpoint, model, "passthrough", "", request)
         original = self.counter.original_tokens(self.prompts.static_tokens(entry), match.values)
         if entry.adapter is None:
-            return Plan(endpoint, model, "fallback", entry.name, request, original_tokens=original)
+            return Plan(endpoint, model, "fallback", entry.name, request, original_tokens=original,
+                        slots=match.values)
         if not entry.bare:  # trained with the prompt kept: the adapter gets the request as sent
             return Plan(endpoint, model, "adapter", entry.name, replace(request, adapter=entry.adapter),
-                        fallback=request)
+                        fallback=request, slots=match.values)
         bare = bare_query_messages(entry.template, match.values)
         adapter_request = replace(request, kind="chat", messages=bare, prompt=None, adapter=entry.adapter)
         return Plan(endpoint, model, "adapter", entry.name, adapter_request, fallback=request,
-                    original_tokens=original, expected_sent_tokens=self.counter.count_chat(bare))
+                    original_tokens=original, expected_sent_tokens=self.counter.count_chat(bare), slots=match.values)

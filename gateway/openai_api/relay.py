@@ -27,6 +27,8 @@ DONE = format_sse_event(data_str="[DONE]")
 
 Record = Callable[[Plan, Usage, float, float | None], UsageOut]
 RecordError = Callable[[Plan, int], None]
+Offer = Callable[[Plan, str, "str | None", bool, "str | None"], None]
+"""Hand a whole answer to the recorder: plan, text, finish reason, tool calls made, the model that answered."""
 
 
 def billed(usage: object) -> Usage | None:
@@ -48,11 +50,12 @@ class UpstreamRelay:
     """Sends relayed plans to the upstream and counts them with the inference service's accounting."""
 
     def __init__(self, client: UpstreamClient, metrics: GatewayMetrics, record: Record,
-                 record_error: RecordError) -> None:
+                 record_error: RecordError, offer: Offer | None = None) -> None:
         self.client = client
         self.metrics = metrics
         self.record = record
         self.record_error = record_error
+        self.offer = offer
 
     def _count_call(self, plan: Plan, status: int) -> None:
         self.metrics.upstream_requests.labels(route=plan.route, code=str(status)).inc()
@@ -70,7 +73,21 @@ class UpstreamRelay:
             raise
         self._count_call(plan, 200)
         self.record(plan, billed(answer.get("usage")) or Usage(0, 0), started, None)
+        self._offer_whole(plan, answer)
         return answer
+
+    def _offer_whole(self, plan: Plan, answer: dict[str, Any]) -> None:
+        choices = answer.get("choices")
+        if self.offer is None or not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        found = choice.get("message")
+        message: dict[str, Any] = found if isinstance(found, dict) else {}
+        text = message.get("content") if plan.endpoint == "chat" else choice.get("text")
+        if isinstance(text, str):
+            model = answer.get("model")
+            self.offer(plan, text, choice.get("finish_reason"), bool(message.get("tool_calls")),
+                       model if isinstance(model, str) else None)
 
     async def open_stream(self, plan: Plan, started: float, include_usage: bool) -> RelayedStream:
         """Open the upstream's stream (an error status is still an HTTP error here)."""
@@ -90,6 +107,7 @@ class UpstreamRelay:
         ttft: float | None = None
         usage: Usage | None = None
         failure: APIError | None = None
+        answer = _StreamedText()  # kept for recording
         try:
             async for data in stream.data():
                 try:
@@ -108,6 +126,7 @@ class UpstreamRelay:
                     break
                 if ttft is None and _has_output(chunk):
                     ttft = time.perf_counter() - started
+                answer.add(chunk)
                 if chunk.get("usage"):
                     usage = billed(chunk["usage"])
                     if not include_usage:
@@ -132,7 +151,39 @@ class UpstreamRelay:
             return
         self._count_call(plan, 200)
         self.record(plan, usage or Usage(0, 0), started, ttft)
+        if self.offer is not None and answer.single:
+            self.offer(plan, "".join(answer.parts), answer.finish, answer.tool_calls, answer.model)
         yield DONE
+
+
+class _StreamedText:
+    """Choice 0's text, finish reason and tool calls gathered from an upstream's stream chunks."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish: str | None = None
+        self.tool_calls = False
+        self.single = True  # no choice but index 0 seen
+        self.model: str | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0:
+                self.single = False
+                continue
+            found = choice.get("delta")
+            delta: dict[str, Any] = found if isinstance(found, dict) else {}
+            text = delta.get("content") if "delta" in choice else choice.get("text")
+            if isinstance(text, str):
+                self.parts.append(text)
+            if delta.get("tool_calls"):
+                self.tool_calls = True
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
 
 
 class RelayedStream:

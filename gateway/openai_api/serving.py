@@ -41,6 +41,7 @@ from gateway.openai_api.responses import (
     UsageOut,
 )
 from gateway.openai_api.shaping import ChunkShaper, Outcome, whole_response
+from gateway.prompts.recording import TrafficRecorder
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,25 @@ class InferenceService:
     besides its collaborators."""
 
     def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse,
-                 upstream: UpstreamClient | None = None) -> None:
+                 upstream: UpstreamClient | None = None, recorder: TrafficRecorder | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.in_flight = in_flight  # a version switch waits for the old adapter's requests to end
-        self.relay = None if upstream is None else UpstreamRelay(upstream, metrics, self.record, self.record_error)
+        self.recorder = recorder  # keeps a share of fallback answers as training rows
+        self.relay = None if upstream is None else UpstreamRelay(upstream, metrics, self.record, self.record_error,
+                                                                 self.offer)
+
+    def offer(self, plan: Plan, text: str, finish: str | None, tool_calls: bool = False,
+              model: str | None = None) -> None:
+        """Hand a whole answer served on the fallback route to the recorder (which decides; never raises)."""
+        if self.recorder is None or plan.route != "fallback":
+            return
+        try:
+            self.recorder.offer(prompt=plan.prompt, tenant=plan.tenant, slots=plan.slots, text=text, finish=finish,
+                                model=model or plan.model, n=plan.request.params.n, tool_calls=tool_calls)
+        except Exception:
+            log.exception("offering an answer of %s for recording failed", plan.prompt)
 
     def _generate(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         return self.in_flight.track(plan.request.adapter, self.engine.generate(plan.request))
@@ -180,6 +194,8 @@ class InferenceService:
             self.record_error(plan, CLIENT_CLOSED)
             raise
         usage = self.record(plan, outcome.usage, started, ttft)
+        if set(outcome.texts) | set(outcome.finish) <= {0}:
+            self.offer(plan, "".join(outcome.texts.get(0, [])), outcome.finish.get(0), bool(outcome.tool_calls))
         return plan, whole_response(plan, outcome, usage, int(time.time()))
 
     async def sse(self, plan: Plan, stream: AsyncIterator[EngineEvent], first: EngineEvent | None,
@@ -193,12 +209,14 @@ class InferenceService:
         ttft: float | None = None
         usage: Usage | None = None
         failure: APIError | None = None
+        answer = Outcome()  # kept for recording
         try:
             async for event in _chain(first, stream):
                 if ttft is None and isinstance(event, TextDelta | ToolCallDelta):
                     ttft = time.perf_counter() - started
                 if isinstance(event, Usage):
                     usage = event
+                answer.add(event)
                 for chunk in shaper.chunks(event):
                     yield format_sse_event(data_str=chunk)
             if usage is None:
@@ -218,6 +236,8 @@ class InferenceService:
             return
         assert usage is not None
         usage_out = self.record(plan, usage, started, ttft)
+        if set(answer.texts) | set(answer.finish) <= {0}:
+            self.offer(plan, "".join(answer.texts.get(0, [])), answer.finish.get(0), bool(answer.tool_calls))
         if include_usage:
             yield format_sse_event(data_str=shaper.usage_chunk(usage_out))
         yield DONE

@@ -8,16 +8,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def exactly_one_of(first: tuple[str, str], second: tuple[str, str]) -> dict[str, Any]:
-    """A JSON Schema `oneOf` saying that exactly one of two nullable fields is given (`(name, JSON type)` each).
+def exactly_one_of(*fields: tuple[str, str]) -> dict[str, Any]:
+    """A JSON Schema `oneOf` saying that exactly one of these nullable fields is given (`(name, JSON type)` each).
 
     Pydantic does not check it (the service does, answering 422 in OpenAI's shape); it is here so the
     OpenAPI document states the rule and clients and fuzzers generate bodies that follow it.
     """
-    (a, a_type), (b, b_type) = first, second
     return {"oneOf": [
-        {"required": [a], "properties": {a: {"type": a_type}, b: {"type": "null"}}},
-        {"required": [b], "properties": {b: {"type": b_type}, a: {"type": "null"}}},
+        {"required": [name], "properties": {name: {"type": kind},
+                                            **{other: {"type": "null"} for other, _ in fields if other != name}}}
+        for name, kind in fields
     ]}
 
 
@@ -47,11 +47,44 @@ class TemplateMessage(BaseModel):
     content: str = Field(description="Text with {slot} placeholders; {{ and }} for literal braces.")
 
 
+DEFAULT_MAX_ROWS = 10_000  # a prompt's recorded answers kept when `record.max_rows` is not given
+
+
+class RecordSetting(BaseModel):
+    """Recording of a prompt's `fallback` answers as training rows (a ring buffer: the oldest dropped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float = Field(ge=0.0, le=1.0, description="Share of the prompt's fallback requests recorded (0..1).")
+    max_rows: int | None = Field(None, ge=1, description=f"Recorded rows kept, the oldest dropped beyond "
+                                                         f"(default {DEFAULT_MAX_ROWS}).")
+
+
+class RecordOut(BaseModel):
+    rate: float
+    max_rows: int
+
+
+class PatchPrompt(BaseModel):
+    """A JSON merge patch of a prompt's settings: a field present replaces the setting, `null` turns it off."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"record": {"rate": 0.1}}]})
+
+    record: RecordSetting | None = Field(None, description="Record this share of fallback answers; null: stop.")
+
+
+class TrafficList(BaseModel):
+    total: int = Field(description="Recorded rows the prompt has (all of them, not only those listed).")
+    data: list[dict[str, Any]] = Field(description="`{<slot>: value, ..., response, model, created}`, newest first.")
+
+
 class TrainSpec(BaseModel):
-    """A training request: exactly one of `data` (rows inline) or `path` (a server-side JSONL file)."""
+    """A training request: exactly one of `data` (rows inline), `path` (a server-side JSONL file) or
+    `source: "traffic"` (the prompt's recorded answers)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        **exactly_one_of(("data", "array"), ("path", "string")), "examples": [TRAIN_EXAMPLE]})
+        **exactly_one_of(("data", "array"), ("path", "string"), ("source", "string")),
+        "examples": [TRAIN_EXAMPLE]})
 
     data: list[dict[str, Any]] | None = Field(
         None, description="Rows `{<slot>: value, ..., response}`; `query` names the slot of a one-slot template "
@@ -59,6 +92,9 @@ class TrainSpec(BaseModel):
     path: str | None = Field(None, description="A JSONL file of the same rows in the gateway's import folder "
                                                "(PROMPTINTERN_IMPORT_DIR), relative to it or absolute "
                                                "(or give `data`).")
+    source: Literal["traffic"] | None = Field(
+        None, description="`traffic`: train on the prompt's recorded answers (self-distillation; no labels), "
+                          "taken as they are when the job is submitted.")
     schedule: dict[str, Any] | None = Field(
         None, description="`preset` (default `promptintern`; `demo` trains in about 3 minutes on 2 cores, demo "
                           "quality) and overrides of its fields; steps, batch size, learning rate and rows are "
@@ -86,6 +122,8 @@ class RegisterPrompt(BaseModel):
     adapter_path: str | None = Field(None, description="A PEFT LoRA folder in the gateway's import folder "
                                                        "(PROMPTINTERN_IMPORT_DIR) to serve for this prompt.")
     train: TrainSpec | None = Field(None, description="Start a training job right away.")
+    record: RecordSetting | None = Field(None, description="Record a share of the prompt's fallback answers as "
+                                                           "training rows (default: off).")
 
 
 class AddAdapter(BaseModel):
@@ -107,6 +145,7 @@ class VersionOut(BaseModel):
 class JobOut(BaseModel):
     id: int
     status: str
+    rows: int | None = Field(None, description="Training rows the job uses.")
     progress: dict[str, Any] | None = None
     error: str | None = None
     attempts: int
@@ -127,6 +166,7 @@ class PromptOut(BaseModel):
     active_version: int | None
     versions: list[VersionOut]
     job: JobOut | None = None
+    record: RecordOut | None = Field(None, description="Recording of fallback answers; null: off.")
     created: datetime
 
 

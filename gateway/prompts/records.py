@@ -6,7 +6,7 @@ from typing import Any
 
 from core.templates import PromptTemplate, parse_template
 from gateway.errors import Unprocessable
-from gateway.prompts.protocol import JobOut, VersionOut
+from gateway.prompts.protocol import DEFAULT_MAX_ROWS, JobOut, RecordOut, RecordSetting, VersionOut
 from gateway.registry.store import JobRecord, PromptRecord, VersionRecord
 
 
@@ -56,9 +56,30 @@ def validate_examples(template: PromptTemplate, examples: list[dict[str, str]]) 
 
 
 def job_out(job: JobRecord) -> JobOut:
-    return JobOut.model_validate(job, from_attributes=True)
+    out = JobOut.model_validate(job, from_attributes=True)
+    rows = job.spec.get("rows") if isinstance(job.spec, dict) else None
+    return out.model_copy(update={"rows": len(rows)}) if isinstance(rows, list) else out
 
 
 def version_out(version: VersionRecord) -> VersionOut:
     """The wire shape of a version; a status the API does not document fails here, not in a client."""
     return VersionOut.model_validate(version, from_attributes=True)
+
+
+def record_setting(setting: RecordSetting | None) -> dict[str, Any] | None:
+    """A `record` setting as the registry keeps it: `max_rows` filled in (None: recording off)."""
+    if setting is None:
+        return None
+    return {"rate": setting.rate, "max_rows": setting.max_rows or DEFAULT_MAX_ROWS}
+
+
+def record_out(record: dict[str, Any] | None) -> RecordOut | None:
+    if not record:
+        return None
+    return RecordOut(rate=float(record.get("rate", 0.0)), max_rows=int(record.get("max_rows") or DEFAULT_MAX_ROWS))
+
+
+def record_fields(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The routing entry's recording fields for a registry `record` setting."""
+    out = record_out(record)
+    return {"record_rate": out.rate if out else 0.0, "record_max_rows": out.max_rows if out else 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -19,7 +19,17 @@ from gateway.prompts.imports import (
     WEIGHTS_FILE,
     upload_parts,
 )
-from gateway.prompts.protocol import AddAdapter, JobOut, PromptList, PromptOut, RegisterPrompt, TrainSpec, VersionOut
+from gateway.prompts.protocol import (
+    AddAdapter,
+    JobOut,
+    PatchPrompt,
+    PromptList,
+    PromptOut,
+    RegisterPrompt,
+    TrafficList,
+    TrainSpec,
+    VersionOut,
+)
 from gateway.prompts.service import PromptService, job_out, version_out
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -54,6 +64,26 @@ async def list_prompts(prompts: Prompts) -> PromptList:
 @router.get("/{name}", response_model=PromptOut, summary="One prompt, with versions and its latest job")
 async def get_prompt(name: str, prompts: Prompts) -> PromptOut:
     return prompts.describe(await prompts.get_prompt(name))
+
+
+@router.patch("/{name}", response_model=PromptOut,
+              summary="Change a prompt's settings (`record`): a JSON merge patch, `null` turns a setting off")
+async def patch_prompt(name: str, body: PatchPrompt, prompts: Prompts) -> PromptOut:
+    return prompts.describe(await prompts.patch(name, body))
+
+
+@router.get("/{name}/traffic", response_model=TrafficList,
+            summary="The prompt's recorded fallback answers (slot values and the answer served), newest first")
+async def get_traffic(name: str, prompts: Prompts,
+                      limit: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> TrafficList:
+    return await prompts.traffic(name, limit)
+
+
+@router.delete("/{name}/traffic", status_code=status.HTTP_204_NO_CONTENT,
+               summary="Purge the prompt's recorded answers (a job already queued keeps its own copy)")
+async def purge_traffic(name: str, prompts: Prompts) -> Response:
+    await prompts.purge_traffic(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 class UnsupportedMediaType(APIError):

@@ -24,6 +24,8 @@ class RoutablePrompt:
     adapter: str | None  # the engine's adapter name (`<prompt>@v<N>`) once a version is ready
     bare: bool = True  # False for adapters trained on the full prompt (kept at inference)
     tenant: str | None = None  # None: global, matched for every caller
+    record_rate: float = 0.0  # share of its fallback answers recorded as training rows (0: off)
+    record_max_rows: int = 0  # recorded rows kept (a ring buffer)
 
     def visible_to(self, tenant: str | None) -> bool:
         return self.tenant is None or self.tenant == tenant

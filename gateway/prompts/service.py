@@ -29,11 +29,14 @@ from gateway.prompts.imports import (
     read_import_jsonl,
     stage_adapter,
 )
-from gateway.prompts.protocol import PromptOut, RegisterPrompt, TrainSpec
+from gateway.prompts.protocol import PatchPrompt, PromptOut, RegisterPrompt, TrafficList, TrainSpec
 from gateway.prompts.records import (
     adapter_model_id,
     inference_mode,
     job_out,
+    record_fields,
+    record_out,
+    record_setting,
     takes_bare_query,
     template_from_record,
     validate_examples,
@@ -41,7 +44,14 @@ from gateway.prompts.records import (
 )
 from gateway.prompts.routing import RoutablePrompt, RoutingTable
 from gateway.registry.db import utcnow
-from gateway.registry.store import JobRecord, PromptRecord, PromptRegistry, VersionRecord, check_prompt_name
+from gateway.registry.store import (
+    JobRecord,
+    PromptRecord,
+    PromptRegistry,
+    TrafficRecord,
+    VersionRecord,
+    check_prompt_name,
+)
 from gateway.tokens import TokenCounter
 from trainer.jobspec import TrainData
 
@@ -142,7 +152,8 @@ class PromptService:
     def _entries(records: list[PromptRecord]) -> list[RoutablePrompt]:
         """Blocking: each prompt's routing entry, without an adapter yet; its static tokens are counted at its
         first match (tokenising 100,000 long templates would take minutes of start-up)."""
-        return [RoutablePrompt(r.name, template_from_record(r), None, None, tenant=r.tenant) for r in records]
+        return [RoutablePrompt(r.name, template_from_record(r), None, None, tenant=r.tenant, **record_fields(r.record))
+                for r in records]
 
     async def close(self) -> None:
         """Stop draining old versions (the engine closes next anyway)."""
@@ -184,6 +195,10 @@ class PromptService:
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(name, template, static, entry.adapter if entry else None,
                                          entry.bare if entry else True, record.tenant), name)
+        recording = record_fields(record.record)
+        entry = self.routing.require(name)
+        if (entry.record_rate, entry.record_max_rows) != (recording["record_rate"], recording["record_max_rows"]):
+            self._publish(replace(entry, **recording), name)
         current = self.routing.require(name).adapter
         ready = [v for v in record.versions if v.status == "ready"]
         if current is not None and ready and adapter_model_id(name, ready[-1].version) == current:
@@ -272,6 +287,9 @@ class PromptService:
         examples = validate_examples(template, body.examples)
         if body.train is not None and body.adapter_path is not None:
             raise Unprocessable("give 'adapter_path' or 'train', not both", param="train", code="invalid_value")
+        if body.train is not None and body.train.source is not None:
+            raise Unprocessable("a prompt being registered has no recorded traffic to train on yet",
+                                param="train.source", code="invalid_train_data")
         train_spec = None if body.train is None else await self._prepare_training(template, body.train)
         files = None if body.adapter_path is None else await self._open_import(body.adapter_path)
         try:
@@ -283,10 +301,12 @@ class PromptService:
     async def _register_checked(self, body: RegisterPrompt, template: PromptTemplate, examples: list[dict[str, str]],
                                 files: AdapterFiles | None, train_spec: TrainData | None) -> PromptRecord:
         async with self._lock:
+            recording = record_setting(body.record)
             record = await asyncio.to_thread(self.registry.create, body.name, template.kind, template.source(),
-                                             examples, body.tenant)
+                                             examples, body.tenant, recording)
             static = await asyncio.to_thread(self.counter.static_tokens, template)
-            self._publish(RoutablePrompt(body.name, template, static, None, tenant=body.tenant), body.name)
+            self._publish(RoutablePrompt(body.name, template, static, None, tenant=body.tenant,
+                                         **record_fields(recording)), body.name)
             if files is not None:
                 try:
                     await self._add_adapter_locked(body.name, files)
@@ -302,8 +322,25 @@ class PromptService:
     async def train(self, name: str, spec: TrainSpec) -> JobRecord:
         """Queue a training job for a registered prompt (validated now, trained in order)."""
         record = await asyncio.to_thread(self.registry.get, name)
+        if spec.source == "traffic":
+            spec = await self._traffic_spec(name, spec)
         prepared = await self._prepare_training(template_from_record(record), spec)
         return await self.jobs.submit(name, prepared)
+
+    async def _traffic_spec(self, name: str, spec: TrainSpec) -> TrainSpec:
+        """The prompt's recorded answers as the job's rows (self-distillation: the answer served is the label),
+        copied into the job now, so a purge while it waits or trains changes nothing for it."""
+        if spec.data is not None or spec.path is not None:
+            raise Unprocessable("give exactly one of 'data', 'path' or 'source'", param="train",
+                                code="invalid_train_data")
+        _, recorded = await asyncio.to_thread(self.registry.traffic, name)
+        minimum = self.settings.min_traffic_rows
+        if len(recorded) < minimum:
+            raise Unprocessable(f"prompt '{name}' has {len(recorded)} recorded answer(s); training from traffic "
+                                f"needs at least {minimum} (MIN_TRAFFIC_ROWS)", param="train.source",
+                                code="not_enough_traffic")
+        rows = [{**row.slots, "response": row.response} for row in reversed(recorded)]  # oldest first
+        return spec.model_copy(update={"data": rows, "source": None})
 
     async def _prepare_training(self, template: PromptTemplate, spec: TrainSpec) -> TrainData:
         """Validate a `train` object; a `path` is read here, from IMPORT_DIR only, and its rows handed on."""
@@ -426,6 +463,27 @@ class PromptService:
             versions = [v.version for v in record.versions]
         await asyncio.to_thread(self.store.remove_prompt, name, versions)
 
+    # -- settings and recorded traffic ---------------------------------------------------------
+
+    async def patch(self, name: str, body: PatchPrompt) -> PromptRecord:
+        """Apply a JSON merge patch of the prompt's settings: present fields replace, `null` turns off."""
+        async with self._lock:
+            record = await asyncio.to_thread(self.registry.get, name)
+            if "record" in body.model_fields_set:
+                recording = record_setting(body.record)
+                record = await asyncio.to_thread(self.registry.set_record, name, recording)
+                entry = self.routing.get(name)
+                if entry is not None:  # this replica at once; the others through the change log
+                    self._publish(replace(entry, **record_fields(recording)), name)
+        return record
+
+    async def traffic(self, name: str, limit: int | None) -> TrafficList:
+        total, rows = await asyncio.to_thread(self.registry.traffic, name, limit)
+        return TrafficList(total=total, data=[traffic_row(row) for row in rows])
+
+    async def purge_traffic(self, name: str) -> int:
+        return await asyncio.to_thread(self.registry.purge_traffic, name)
+
     # -- views ---------------------------------------------------------------------------------
 
     def describe(self, record: PromptRecord) -> PromptOut:
@@ -439,5 +497,10 @@ class PromptService:
             active_version=active.version if active else None,
             versions=[version_out(v) for v in record.versions],
             job=job_out(job) if job else None,
+            record=record_out(record.record),
             created=record.created,
         )
+
+
+def traffic_row(row: TrafficRecord) -> dict[str, Any]:
+    return {**row.slots, "response": row.response, "model": row.model, "created": int(row.created.timestamp())}
