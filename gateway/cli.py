@@ -240,7 +240,36 @@ def _run_prompts_action(client: Any, args: argparse.Namespace) -> int:
         return _show(client.delete(f"/v1/prompts/{args.name}"))
     if args.action == "add-adapter":
         return _show(_upload_adapter(client, args.name, _adapter_files(Path(args.adapter))))
+    if args.action == "record":
+        record = None if args.off else {"rate": args.rate, **({"max_rows": args.max_rows} if args.max_rows else {})}
+        return _show(client.patch(f"/v1/prompts/{args.name}", json={"record": record}))
+    if args.action == "traffic":
+        if args.purge:
+            return _show(client.delete(f"/v1/prompts/{args.name}/traffic"))
+        params = {"limit": args.limit} if args.limit is not None else {}
+        return _show(client.get(f"/v1/prompts/{args.name}/traffic", params=params))
+    if args.action == "train":
+        return _show(client.post(f"/v1/prompts/{args.name}/train", json=_train_body(args)))
     return _register(client, args)
+
+
+def _train_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"source": args.source}
+    if args.schedule:
+        body["schedule"] = _json_object(args.schedule, "--schedule")
+    if args.eval_fraction is not None:
+        body["eval_fraction"] = args.eval_fraction
+    return body
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise PromptsCommandError(f"{flag} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PromptsCommandError(f"{flag} must be a JSON object")
+    return value
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
@@ -348,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("adapter", help="a local PEFT LoRA folder: adapter_config.json, adapter_model.safetensors "
                                      "and optionally manifest.json are uploaded")
+    record = actions.add_parser("record", help="record a share of the prompt's fallback answers as training rows")
+    record.add_argument("name")
+    how = record.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rate", type=float, help="share of fallback answers recorded, 0..1")
+    how.add_argument("--off", action="store_true", help="stop recording (the rows kept stay)")
+    record.add_argument("--max-rows", type=int, help="rows kept, the oldest dropped beyond (default 10,000)")
+    traffic = actions.add_parser("traffic", help="show the prompt's recorded answers, newest first (or purge them)")
+    traffic.add_argument("name")
+    traffic.add_argument("--limit", type=int, help="show at most this many")
+    traffic.add_argument("--purge", action="store_true", help="delete them")
+    train = actions.add_parser("train", help="queue a training job on the running gateway")
+    train.add_argument("name")
+    train.add_argument("--source", required=True, choices=["traffic"],
+                       help="`traffic`: the prompt's recorded answers (self-distillation, no labels)")
+    train.add_argument("--schedule", help='schedule overrides as JSON, e.g. \'{"preset": "demo"}\'')
+    train.add_argument("--eval-fraction", type=float, help="share of rows held out for evaluation (default 0.2)")
     prompts.set_defaults(func=cmd_prompts)
 
     _add_bench_parser(sub)

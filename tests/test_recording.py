@@ -222,3 +222,33 @@ def test_a_second_replica_follows_a_patch_of_record(tiny_model_path: Path, tmp_p
         wait_until(lambda: traffic(admin, "follow")["total"] == 1, "B recording into the shared registry")
         assert admin.patch("/v1/prompts/follow", json={"record": None}).status_code == 200
         wait_until(lambda: b.app.state.prompts.routable("follow").record_rate == 0.0, "B following the off", 10)
+
+
+def test_the_cli_mirrors_record_traffic_and_train(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+    from tests.conftest import ADMIN_KEY
+
+    monkeypatch.setenv("PROMPTINTERN_ADMIN_KEY", ADMIN_KEY)
+
+    def run(*argv: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prompts", "--url", server.url, *argv])
+        return int(exit_info.value.code or 0), capsys.readouterr().out
+
+    with server.admin() as admin:
+        register(admin, "cli-rec")
+    code, out = run("record", "cli-rec", "--rate", "1", "--max-rows", "3")
+    assert code == 0 and json.loads(out)["record"] == {"rate": 1.0, "max_rows": 3}
+    chat(server, "cli-rec", "list files")
+    with server.admin() as admin:
+        wait_until(lambda: traffic(admin, "cli-rec")["total"] == 1, "the answer recorded")
+    code, out = run("traffic", "cli-rec", "--limit", "1")
+    assert code == 0 and json.loads(out)["data"][0]["query"] == "list files"
+    code, out = run("train", "cli-rec", "--source", "traffic")
+    assert code == 1 and json.loads(out)["error"]["code"] == "not_enough_traffic"
+    assert run("traffic", "cli-rec", "--purge")[0] == 0
+    assert json.loads(run("traffic", "cli-rec")[1])["total"] == 0
+    code, out = run("record", "cli-rec", "--off")
+    assert code == 0 and json.loads(out)["record"] is None
+    assert run("record", "cli-rec", "--rate", "1.5")[0] == 1
