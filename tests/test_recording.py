@@ -252,3 +252,29 @@ def test_the_cli_mirrors_record_traffic_and_train(server: LiveServer, monkeypatc
     code, out = run("record", "cli-rec", "--off")
     assert code == 0 and json.loads(out)["record"] is None
     assert run("record", "cli-rec", "--rate", "1.5")[0] == 1
+
+
+def test_answers_of_a_real_upstream_are_recorded_with_the_tenant(tiny_model_path: Path, tmp_path: Path) -> None:
+    """A second gateway process is the upstream provider; the front gateway records what it answered, whole and
+    streamed, under the tenant of the caller's key."""
+    from tests.upstream_server import MODEL as UPSTREAM_MODEL
+    from tests.upstream_server import UPSTREAM_KEY, UpstreamProcess
+
+    with UpstreamProcess(tmp_path / "upstream", tiny_model_path) as upstream, LocalGateway(gateway_settings(
+            tmp_path / "front", tiny_model_path, upstream_url=f"{upstream.url}/v1", upstream_api_key=UPSTREAM_KEY,
+            upstream_models=[UPSTREAM_MODEL], api_keys=["acme:acme-key"])) as front, front.admin() as admin:
+        register(admin, "relayed", record={"rate": 1.0})
+        headers = {"Authorization": "Bearer acme-key"}
+        body = {"model": UPSTREAM_MODEL, **WHOLE,
+                "messages": [template("relayed")[0], {"role": "user", "content": "Input: list files\nOutput:"}]}
+        whole = httpx.post(f"{front.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        assert whole.status_code == 200 and whole.headers["x-promptintern-route"] == "fallback"
+        stream = httpx.post(f"{front.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                            timeout=120)
+        assert stream.status_code == 200
+        recorded = wait_until(lambda: (b := traffic(admin, "relayed"))["total"] == 2 and b, "both answers recorded")
+        answer = whole.json()["choices"][0]["message"]["content"]
+        assert [row["response"] for row in recorded["data"]] == [streamed_text(stream), answer]
+        assert {row["model"] for row in recorded["data"]} == {whole.json()["model"]}
+        _, rows = front.app.state.registry.traffic("relayed")
+        assert {row.tenant for row in rows} == {"acme"}
