@@ -79,10 +79,10 @@ def _one_of_required(schema: dict[str, Any]) -> list[list[str]]:
 def test_the_schema_states_which_fields_exclude_each_other(openapi: dict[str, Any]) -> None:
     assert _one_of_required(json_body_schema(openapi, "/v1/prompts")) == [["messages"], ["prompt"]]
     train = json_body_schema(openapi, "/v1/prompts/{name}/train")
-    assert _one_of_required(train) == [["data"], ["path"]]
-    # A branch forbids the other field (null or absent), so a body with both matches neither branch.
+    assert _one_of_required(train) == [["data"], ["path"], ["source"]]
+    # A branch forbids the other fields (null or absent), so a body with two matches no branch.
     branch = next(b for b in train["oneOf"] if b["required"] == ["data"])
-    assert branch["properties"]["path"] == {"type": "null"}
+    assert branch["properties"]["path"] == branch["properties"]["source"] == {"type": "null"}
 
 
 def json_body_schema(openapi: dict[str, Any], path: str) -> dict[str, Any]:

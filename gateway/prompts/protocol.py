@@ -48,6 +48,7 @@ class TemplateMessage(BaseModel):
 
 
 DEFAULT_MAX_ROWS = 10_000  # a prompt's recorded answers kept when `record.max_rows` is not given
+MAX_ROWS_LIMIT = 1_000_000  # the most `record.max_rows` may ask for
 
 
 class RecordSetting(BaseModel):
@@ -56,8 +57,9 @@ class RecordSetting(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rate: float = Field(ge=0.0, le=1.0, description="Share of the prompt's fallback requests recorded (0..1).")
-    max_rows: int | None = Field(None, ge=1, description=f"Recorded rows kept, the oldest dropped beyond "
-                                                         f"(default {DEFAULT_MAX_ROWS}).")
+    max_rows: int | None = Field(
+        None, ge=1, le=MAX_ROWS_LIMIT,
+        description=f"Recorded rows kept, the oldest dropped beyond (default {DEFAULT_MAX_ROWS}).")
 
 
 class RecordOut(BaseModel):
