@@ -69,10 +69,6 @@ class TrafficRecorder:
                 await self._task
             self._task = None
 
-    async def drain(self) -> None:
-        """Wait until every answer offered so far is written (tests, shutdown)."""
-        await self._queue.join()
-
     async def _write(self) -> None:
         while True:
             answer = await self._queue.get()
