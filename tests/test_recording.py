@@ -278,3 +278,41 @@ def test_answers_of_a_real_upstream_are_recorded_with_the_tenant(tiny_model_path
         assert {row["model"] for row in recorded["data"]} == {whole.json()["model"]}
         _, rows = front.app.state.registry.traffic("relayed")
         assert {row.tenant for row in rows} == {"acme"}
+
+
+class _FailingRegistry:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def add_traffic(self, *args: Any) -> bool:
+        self.calls += 1
+        raise RuntimeError("the database is away")
+
+
+async def test_the_recorder_drops_what_its_queue_cannot_hold_and_a_failed_write_only_logs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from core.templates import parse_template
+    from gateway.prompts.recording import TrafficRecorder
+    from gateway.prompts.routing import RoutablePrompt
+
+    entry = RoutablePrompt("p", parse_template(messages=template("p")), 0, None, record_rate=0.5, record_max_rows=9)
+    registry = _FailingRegistry()
+    draws = iter([0.9, 0.1, 0.2, 0.3])  # the first is above the rate: not recorded
+    recorder = TrafficRecorder(registry, lambda name: entry if name == "p" else None,  # type: ignore[arg-type]
+                               queue_size=1, draw=lambda: next(draws))
+    offer = {"prompt": "p", "tenant": None, "slots": {"query": "x"}, "text": "ls", "finish": "stop", "model": "m"}
+    for _ in range(3):
+        recorder.offer(**offer)  # type: ignore[arg-type]
+    assert recorder.dropped == 1  # one drawn out, one queued, one over the queue's bound
+    recorder.offer(**{**offer, "prompt": "unknown"})  # type: ignore[arg-type]
+    recorder.offer(**{**offer, "finish": "length"})  # type: ignore[arg-type]
+    await recorder.start()
+    for _ in range(50):
+        if registry.calls:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    await recorder.close()
+    assert registry.calls == 1 and "recording an answer of p failed" in caplog.text
