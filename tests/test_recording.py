@@ -195,6 +195,8 @@ def test_training_from_traffic_uses_a_snapshot_of_the_recorded_rows(server: Live
                           json={"source": "traffic", "data": [{"query": "a", "response": "b"}]})
         assert both.status_code == 422
         assert admin.post("/v1/prompts/distil/train", json={"source": "labels"}).status_code == 422
+        neither = admin.post("/v1/prompts/distil/train", json={"schedule": SCHEDULE})
+        assert neither.status_code == 422 and "'source'" in neither.json()["error"]["message"]
         job = admin.post("/v1/prompts/distil/train", json={"source": "traffic", "schedule": SCHEDULE,
                                                            "eval_fraction": 0})
         assert job.status_code == 202, job.text

@@ -324,6 +324,9 @@ class PromptService:
         record = await asyncio.to_thread(self.registry.get, name)
         if spec.source == "traffic":
             spec = await self._traffic_spec(name, spec)
+        elif spec.data is None and spec.path is None:
+            raise Unprocessable("give exactly one of 'data' (rows), 'path' (a server-side JSONL file) or "
+                                "'source': 'traffic' (the recorded answers)", param="train", code="invalid_train_data")
         prepared = await self._prepare_training(template_from_record(record), spec)
         return await self.jobs.submit(name, prepared)
 

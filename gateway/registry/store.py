@@ -306,17 +306,19 @@ class PromptRegistry:
             prompt_id = s.scalar(select(PromptRow.id).where(PromptRow.name == name))
             if prompt_id is None:
                 return False
-            s.add(TrafficRow(prompt_id=prompt_id, tenant=tenant, slots=slots, response=response, model=model,
-                             created_at=utcnow()))
-            s.flush()
-            newest_dropped = s.scalar(select(TrafficRow.id).where(TrafficRow.prompt_id == prompt_id)
-                                      .order_by(TrafficRow.id.desc()).offset(max_rows).limit(1))
-            if newest_dropped is not None:
-                s.execute(delete(TrafficRow).where(TrafficRow.prompt_id == prompt_id, TrafficRow.id <= newest_dropped)
-                          .execution_options(synchronize_session=False))
             try:
+                s.add(TrafficRow(prompt_id=prompt_id, tenant=tenant, slots=slots, response=response, model=model,
+                                 created_at=utcnow()))
+                s.flush()
+                newest_dropped = s.scalar(select(TrafficRow.id).where(TrafficRow.prompt_id == prompt_id)
+                                          .order_by(TrafficRow.id.desc()).offset(max_rows).limit(1))
+                if newest_dropped is not None:
+                    s.execute(delete(TrafficRow)
+                              .where(TrafficRow.prompt_id == prompt_id, TrafficRow.id <= newest_dropped)
+                              .execution_options(synchronize_session=False))
                 s.commit()
             except IntegrityError:  # the prompt was deleted meanwhile
+                s.rollback()
                 return False
             return True
 
