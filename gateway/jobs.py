@@ -45,6 +45,7 @@ from core.errors import InvalidAdapter, NotFoundError
 from core.templates import PromptTemplate
 from gateway.prompts.protocol import TrainSpec
 from gateway.registry.store import JobLease, JobRecord, PromptRegistry
+from gateway.tasks import stop_task
 from trainer import jobspec
 from trainer.jobspec import ChildMessage, JobSpec, TrainData, TrainResult
 
@@ -166,10 +167,7 @@ class _HeldLease:
         self._task = asyncio.create_task(self._keep(), name=f"lease of job {self.job_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _keep(self) -> None:
         ttl_s = self.ttl.total_seconds()
@@ -234,11 +232,8 @@ class JobRunner:
 
     async def close(self) -> None:
         """Stop: a job in progress is stopped and handed back (queued again) for another runner."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._stop_child()
 
     async def run_forever(self) -> None:

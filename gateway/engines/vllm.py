@@ -11,7 +11,6 @@ to the full prompt on the base model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from gateway.engines.base import (
     Usage,
 )
 from gateway.errors import BadRequest
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 2.0
@@ -80,10 +80,7 @@ class VLLMEngine:
         self._watcher = asyncio.create_task(self._watch(), name="vllm-watcher")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await stop_task(self._watcher)
         await self._client.close()
 
     async def check_ready(self) -> None:

@@ -11,11 +11,11 @@ with the default half second, a change is followed within about a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from gateway.registry.store import PromptRegistry
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,8 @@ class RegistryFollower:
         self._task = asyncio.create_task(self._loop(), name="registry-follower")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def catch_up(self) -> bool:
         """Apply what changed since the last call; True if anything had. A writer of this replica that wants its

@@ -8,7 +8,6 @@ delays or fails a response.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 
 from gateway.prompts.routing import RoutablePrompt
 from gateway.registry.store import PromptRegistry
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000  # answers waiting to be written; beyond that, new ones are dropped (and logged)
@@ -63,11 +63,8 @@ class TrafficRecorder:
         self._task = asyncio.create_task(self._write(), name="traffic-recorder")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _write(self) -> None:
         while True:
