@@ -1,8 +1,9 @@
 """Counting the prompt tokens an app sent, with the base model's tokenizer.
 
-A template's static part is tokenised once at registration; a request then costs only the
-tokenisation of its slot values. The count can differ from a full re-tokenisation by a token or
-two where a slot value merges with its neighbours (BPE), which is fine for cost accounting.
+A template's static part is tokenised once (at registration, or at the prompt's first match after a
+start-up); a request then costs only the tokenisation of its slot values. The count can differ from
+a full re-tokenisation by a token or two where a slot value merges with its neighbours (BPE), which
+is fine for cost accounting.
 """
 
 from __future__ import annotations
