@@ -88,6 +88,7 @@ class PromptRow(Base):
     template: Mapped[Any] = mapped_column(JSON)
     examples: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {rate, max_rows}; None: off
+    guard: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # shadow guard setting; None: off
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     versions: Mapped[list[AdapterVersionRow]] = relationship(
         back_populates="prompt", cascade="all, delete-orphan", order_by="AdapterVersionRow.version",

@@ -35,7 +35,7 @@ from gateway.registry.db import (
 from gateway.registry.migrate import Migration, upgrade_to_head
 
 PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-VERSION_STATUSES = ("training", "loading", "ready", "failed")
+VERSION_STATUSES = ("training", "loading", "ready", "failed", "rejected")
 JOB_ACTIVE = ("queued", "running")
 VERSION_ATTEMPTS = 100  # each failed attempt means another writer took a number: progress, not a stall
 CLAIM_CANDIDATES = 10  # jobs a runner tries per look when others take them first
@@ -92,6 +92,7 @@ class PromptRecord:
     versions: list[VersionRecord] = field(default_factory=list)
     jobs: list[JobRecord] = field(default_factory=list)
     record: dict[str, Any] | None = None  # recording of its fallback answers: {rate, max_rows}; None: off
+    guard: dict[str, Any] | None = None  # shadow guard: {shadow_rate, min_agreement, window, metric}; None: off
 
     @property
     def active_version(self) -> VersionRecord | None:
@@ -136,7 +137,7 @@ def _job(row: TrainJobRow, prompt: str) -> JobRecord:
 
 def _prompt(row: PromptRow) -> PromptRecord:
     return PromptRecord(row.name, row.tenant, row.kind, row.template, list(row.examples or []), row.created_at,
-                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record)
+                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record, row.guard)
 
 
 def check_prompt_name(name: str) -> None:
