@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     min_traffic_rows: int = Field(
         20, ge=1, description="Fewest recorded answers a prompt needs to train from its traffic "
                               "(POST /v1/prompts/{name}/train {\"source\": \"traffic\"}).")
+    shadow_concurrency: int = Field(
+        1, ge=1, le=64, description="Shadow checks of the guard (`guard` setting) run at once; more wait in a bounded "
+                                    "queue, and beyond it are skipped (counted).")
     registry_poll_seconds: float = Field(
         0.5, gt=0, le=60, description="How often a replica reads the registry's change log, to follow the changes "
                                       "other replicas make (registrations, versions, deletes).")

@@ -34,6 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Planner
 from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
+from gateway.openai_api.shadow import ShadowGuard
 from gateway.prompts.follower import RegistryFollower
 from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routes import router as prompts_router
@@ -241,19 +242,24 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.planner = Planner(settings, prompts, counter, metrics)
         recorder = TrafficRecorder(registry, prompts.routable)
         app.state.recorder = recorder
-        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder)
+        shadow = ShadowGuard(the_engine, in_flight, registry, metrics, prompts.routable, versions_changed,
+                             upstream=upstream, recorder=recorder, concurrency=settings.shadow_concurrency)
+        app.state.shadow = shadow
+        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder, shadow)
         app.state.follower = follower
         app.state.started_at = int(time.time())
         await follower.mark_synced()
         await prompts.sync()
         await follower.start()
         await recorder.start()
+        await shadow.start()
         await runner.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
             await follower.close()
+            await shadow.close()
             await recorder.close()
             await runner.close()
             await prompts.close()

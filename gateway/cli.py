@@ -243,6 +243,10 @@ def _run_prompts_action(client: Any, args: argparse.Namespace) -> int:
     if args.action == "record":
         record = None if args.off else {"rate": args.rate, **({"max_rows": args.max_rows} if args.max_rows else {})}
         return _show(client.patch(f"/v1/prompts/{args.name}", json={"record": record}))
+    if args.action == "guard":
+        guard = None if args.off else {"shadow_rate": args.shadow_rate, "min_agreement": args.min_agreement,
+                                       "window": args.window, "metric": args.metric}
+        return _show(client.patch(f"/v1/prompts/{args.name}", json={"guard": guard}))
     if args.action == "traffic":
         if args.purge:
             return _show(client.delete(f"/v1/prompts/{args.name}/traffic"))
@@ -383,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--rate", type=float, help="share of fallback answers recorded, 0..1")
     how.add_argument("--off", action="store_true", help="stop recording (the rows kept stay)")
     record.add_argument("--max-rows", type=int, help="rows kept, the oldest dropped beyond (default 10,000)")
+    guard = actions.add_parser("guard", help="shadow-check a share of the prompt's adapter answers against the "
+                                             "teacher; roll back by itself when they stop agreeing")
+    guard.add_argument("name")
+    how = guard.add_mutually_exclusive_group(required=True)
+    how.add_argument("--shadow-rate", type=float, help="share of adapter answers shadowed, 0..1")
+    how.add_argument("--off", action="store_true", help="turn the guard off")
+    guard.add_argument("--min-agreement", type=float, default=0.8,
+                       help="roll back when the window's mean agreement is below this, 0..1 (default 0.8)")
+    guard.add_argument("--window", type=int, default=50, help="shadowed answers judged together (default 50)")
+    guard.add_argument("--metric", choices=("exact", "chrf", "bleu"), default="exact",
+                       help="agreement of two answers (default: exact match after collapsing whitespace)")
     traffic = actions.add_parser("traffic", help="show the prompt's recorded answers, newest first (or purge them)")
     traffic.add_argument("name")
     traffic.add_argument("--limit", type=int, help="show at most this many")

@@ -44,10 +44,10 @@ from core.config import Settings
 from core.errors import InvalidAdapter, NotFoundError
 from core.templates import PromptTemplate
 from gateway.prompts.protocol import TrainSpec
-from gateway.registry.store import JobLease, JobRecord, PromptRegistry
+from gateway.registry.store import JobLease, JobRecord, PromptRecord, PromptRegistry
 from gateway.tasks import stop_task
 from trainer import jobspec
-from trainer.jobspec import ChildMessage, JobSpec, TrainData, TrainResult
+from trainer.jobspec import ChildMessage, GateSpec, JobSpec, TrainData, TrainResult
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often an idle runner looks for a job
@@ -144,6 +144,16 @@ def prepare_train_spec(template: PromptTemplate, spec: TrainSpec) -> TrainData:
     """Validate a REST `train` object now (a 422 at submission, not a failed job later); the data to queue."""
     return jobspec.validate_submission(template, data=spec.data, path=spec.path, schedule=spec.schedule,
                                        eval_fraction=spec.eval_fraction, param="train")
+
+
+def promotion_gate(record: PromptRecord) -> GateSpec:
+    """The promotion gate of a traffic-trained version of this prompt: compared with the version serving it now
+    (if any) on the guard's metric, and with the guard's minimum (if it has a guard)."""
+    guard = record.guard or {}
+    active = record.active_version
+    return GateSpec(metric=guard.get("metric", "exact"), min_agreement=guard.get("min_agreement"),
+                    incumbent_dir=Path(active.path) if active is not None and active.path else None,
+                    incumbent_version=active.version if active is not None and active.path else None)
 
 
 class _HeldLease:
@@ -328,6 +338,7 @@ class JobRunner:
             base_model_dir=self.base_model_dir, served_model_name=self.settings.served_model_name,
             lora_rank=self.settings.lora_rank, lora_targets=list(self.settings.lora_targets),
             cache_dir=self.settings.data_dir / "trainer-cache", threads=self.settings.train_threads,
+            gate=promotion_gate(record) if data.source == "traffic" else None,
         )
         log.info("training job %d: %s version %d", job.id, job.prompt, version)
         try:
@@ -388,6 +399,12 @@ class JobRunner:
             await self._drop(job, version, "its lease was lost before publication")
             return
         await self._versions_changed()
+        gate = result.manifest.get("gate")
+        if isinstance(gate, dict) and not gate.get("passed", True):  # kept, with its figures, and never served
+            log.warning("training job %d of %s: version %d %s", job.id, job.prompt, version, gate.get("reason"))
+            await self._end(job, held, version, status="rejected", error=str(gate.get("reason")),
+                            progress={"phase": "done"}, version_status="rejected")
+            return
         ok = True
         if self._activate is not None:  # loads and warms it here; published (ready) only by the fenced write below
             ok = await self._activate(job.prompt, version, result.adapter_dir, result.manifest)
@@ -403,7 +420,7 @@ class JobRunner:
                    drop_on_loss: bool = True) -> None:
         ended = not held.lost.is_set() and await asyncio.to_thread(
             self.registry.finish_job, job.id, held.token, status=status, error=error, progress=progress,
-            version_status=version_status, version_error=error if version_status == "failed" else None)
+            version_status=version_status, version_error=error if version_status in ("failed", "rejected") else None)
         if ended:
             await self._versions_changed()
         elif drop_on_loss:

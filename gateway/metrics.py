@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
                    300.0)
 DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
-ADAPTER_STATUSES = ("training", "loading", "ready", "failed")
+ADAPTER_STATUSES = ("training", "loading", "ready", "failed", "rejected")
 ROUTES = ("adapter", "fallback", "passthrough")
 NO_PROMPT = "none"
 NO_TENANT = "none"
@@ -116,8 +116,30 @@ class GatewayMetrics:
         )
         for status in ADAPTER_STATUSES:
             self.adapters.labels(status=status).set(0)
+        # The shadow guard (prompt labels bounded like the rest: `prompt_label`).
+        self.shadow_requests = Counter(
+            "promptintern_shadow_requests", "Adapter answers compared with the teacher's (the full prompt), by "
+            "whether the pair agreed (its agreement reached the guard's min_agreement)", ["prompt", "agree"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "promptintern_shadow_agreement", "Mean agreement of the active adapter's last shadowed answers with "
+            "the teacher's (0..1), over the guard's window so far", ["prompt"], registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "promptintern_shadow_dropped", "Shadow checks not run because the shadow queue was full", ["prompt"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "promptintern_rollbacks", "Versions the shadow guard rejected and rolled back from", ["prompt"],
+            registry=r,
+        )
         self.track_prompt(NO_PROMPT)
         self.track_prompt(OTHER_PROMPT)
+
+    def prompt_label(self, prompt: str) -> str:
+        """The bounded `prompt` label of a prompt name (its own, or `other` beyond `max_prompts`)."""
+        return self.prompt_labels(prompt)
 
     def tenant_label(self, tenant: str | None) -> str:
         """A configured tenant's name, else `none`: the label stays bounded by the configuration."""

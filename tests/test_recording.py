@@ -173,7 +173,7 @@ def wait_for_job(admin: httpx.Client, name: str, timeout: float = 300) -> dict[s
     def finished() -> dict[str, Any] | None:
         body: dict[str, Any] = admin.get(f"/v1/prompts/{name}").json()
         job = body.get("job") or {}
-        return body if job.get("status") in ("succeeded", "failed", "interrupted") else None
+        return body if job.get("status") in ("succeeded", "failed", "rejected", "interrupted") else None
 
     result: dict[str, Any] = wait_until(finished, f"the training job of {name}", timeout)
     return result
@@ -197,8 +197,11 @@ def test_training_from_traffic_uses_a_snapshot_of_the_recorded_rows(server: Live
         assert admin.post("/v1/prompts/distil/train", json={"source": "labels"}).status_code == 422
         neither = admin.post("/v1/prompts/distil/train", json={"schedule": SCHEDULE})
         assert neither.status_code == 422 and "'source'" in neither.json()["error"]["message"]
+        unheld = admin.post("/v1/prompts/distil/train", json={"source": "traffic", "schedule": SCHEDULE,
+                                                              "eval_fraction": 0})  # nothing for the gate
+        assert unheld.status_code == 422 and unheld.json()["error"]["param"] == "train.eval_fraction"
         job = admin.post("/v1/prompts/distil/train", json={"source": "traffic", "schedule": SCHEDULE,
-                                                           "eval_fraction": 0})
+                                                           "eval_fraction": 0.2})
         assert job.status_code == 202, job.text
         assert job.json()["rows"] == 21
         assert admin.delete("/v1/prompts/distil/traffic").status_code == 204  # the job has its own copy
@@ -206,6 +209,8 @@ def test_training_from_traffic_uses_a_snapshot_of_the_recorded_rows(server: Live
         assert body["job"]["status"] == "succeeded", body["job"]
         assert body["job"]["rows"] == 21
         assert body["status"] == "ready" and body["active_version"] == 1
+        gate = body["versions"][0]["manifest"]["gate"]  # no active version, no guard: nothing to compare with
+        assert gate["passed"] and gate["incumbent"] is None and gate["rows"] == 5 and gate["metric"] == "exact"
         assert chat(server, "distil", "list files").headers["x-promptintern-route"] == "adapter"
         assert traffic(admin, "distil")["total"] == 0  # adapter answers are not recorded
 

@@ -54,11 +54,12 @@ def evaluate_base(job: TrainJob) -> dict[str, Any]:
 
 def evaluate_job(
     job: TrainJob, model: Any, tokenizer: Any, layout: PromptLayout, test: Sequence[Row], *, adapter_key: str | None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, predictions: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Every condition on the held-out rows; base-model conditions come from the cache when possible.
 
-    With `adapter_key` None the model is the bare base model and only base conditions run.
+    With `adapter_key` None the model is the bare base model and only base conditions run. `predictions`, when
+    given, receives each condition's answers by name (the promotion gate reuses the adapter's).
     """
     opts = job.evaluation
     values = [slot_values(job.template, r) for r in test]
@@ -103,6 +104,8 @@ def evaluate_job(
         if kind == "bare" and n_full < len(test):
             result["on_full_prompt_subset"] = subset_figures(result, refs, n_full)
         conditions[condition_name(side, kind)] = manifest_view(result, wanted_refs)
+        if predictions is not None:
+            predictions[condition_name(side, kind)] = list(result["predictions"])
     evaluation = {
         "metric": "exact match (whitespace-normalised, any reference) and sacrebleu corpus BLEU",
         "decoding": f"greedy, max_new_tokens={opts.max_new_tokens}, batch 1, no prefix caching",

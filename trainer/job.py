@@ -13,6 +13,7 @@ from core.templates import PromptTemplate
 from trainer import cache as store
 from trainer.data import Row, rows_digest, split_indices
 from trainer.evaluate import EvalOptions
+from trainer.gate import GateOptions
 from trainer.schedule import ProgressiveSchedule, preset
 
 Phase = Literal["prepare", "train", "evaluate", "save", "done"]
@@ -61,6 +62,7 @@ class TrainJob:
     cache_dir: Path | None = None
     threads: int | None = None
     show_progress: bool = False
+    gate: GateOptions | None = None  # a traffic-trained version: the promotion gate runs on the held-out rows
 
 
 def emit(progress: ProgressCallback | None, **fields: Any) -> None:

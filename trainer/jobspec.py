@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.agreement import AgreementMetric
 from core.errors import InvalidInput
 from core.templates import PromptTemplate, TemplateKind, parse_template
 from trainer.data import TrainDataError, load_jsonl, split_indices, validate_rows
@@ -53,9 +54,23 @@ class TrainData(BaseModel):
     rows: list[dict[str, Any]] = Field(description="Rows normalised to `{slot: value, ..., response, references}`.")
     schedule: dict[str, Any] = Field(default_factory=dict, description="Schedule overrides, `preset` included.")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    source: Literal["rows", "traffic"] = Field(
+        "rows", description="`traffic`: the rows are recorded answers (the promotion gate applies).")
 
     def parsed_schedule(self) -> ProgressiveSchedule:
         return schedule_from_overrides(self.schedule)
+
+
+class GateSpec(BaseModel):
+    """The promotion gate of a traffic-trained version (`trainer.gate`): the agreement metric, the guard's
+    minimum if the prompt has a guard, and the version serving the prompt now, to compare with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: AgreementMetric = "exact"
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    incumbent_dir: Path | None = None
+    incumbent_version: int | None = None
 
 
 class JobSpec(BaseModel):
@@ -75,6 +90,7 @@ class JobSpec(BaseModel):
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     cache_dir: Path | None = Field(None, description="Trainer cache (base-model evaluations, compressions).")
     threads: int | None = Field(None, ge=1, description="Torch threads for this job; None keeps torch's default.")
+    gate: GateSpec | None = Field(None, description="The promotion gate (a version trained from traffic).")
 
     def prompt_template(self) -> PromptTemplate:
         if self.kind == "completion":
@@ -86,6 +102,7 @@ class JobSpec(BaseModel):
     def train_job(self) -> TrainJob:
         """The in-process description of this job (loads the training code, and torch with it)."""
         from trainer.evaluate import EvalOptions
+        from trainer.gate import GateOptions
         from trainer.job import TrainJob
 
         return TrainJob(
@@ -95,6 +112,7 @@ class JobSpec(BaseModel):
             eval_fraction=self.data.eval_fraction, evaluation=EvalOptions(enabled=self.data.eval_fraction > 0),
             lora_rank=self.lora_rank, lora_targets=tuple(self.lora_targets), cache_dir=self.cache_dir,
             threads=self.threads,
+            gate=None if self.gate is None else GateOptions(**self.gate.model_dump()),
         )
 
 

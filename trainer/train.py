@@ -25,6 +25,7 @@ from core.adapter_store import make_staging_dir, publish_dir
 from trainer import cache as store
 from trainer.data import TrainDataError, validate_examples
 from trainer.dataset import Encoded, StageBuilder, check_lengths
+from trainer.gate import run_gate
 from trainer.heldout import check_held_out_lengths, evaluate_base, evaluate_job
 from trainer.job import (
     ProgressCallback,
@@ -73,6 +74,8 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
     train_ids, train, test = split_job_rows(job)
     if not train:
         raise TrainDataError("no training rows left after the held-out split")
+    if job.gate is not None and not test:
+        raise TrainDataError("the promotion gate needs held-out rows: set eval_fraction above 0")
     stages = schedule.stages()
     emit(progress, phase="prepare", stage_index=0, stage_count=len(stages), stage_name="preparing data",
           step=0, total_steps=0, global_step=0, global_total_steps=0, loss=None, eta_s=None)
@@ -116,10 +119,19 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
     training_cpu_seconds = time.process_time() - cpu_started
 
     evaluation = None
+    predictions: dict[str, list[str]] = {}
     if test and job.evaluation.enabled:
         evaluation = evaluate_job(
-            job, peft_model, tokenizer, builder.layout, test, adapter_key=data + schedule.digest(), progress=progress
+            job, peft_model, tokenizer, builder.layout, test, adapter_key=data + schedule.digest(), progress=progress,
+            predictions=predictions,
         )
+    gate = None
+    if job.gate is not None:
+        emit(progress, phase="evaluate", stage_index=len(stages) - 1, stage_count=len(stages),
+             stage_name="promotion gate", step=0, total_steps=0, global_step=0, global_total_steps=0, loss=None,
+             eta_s=None)
+        gate = run_gate(job.gate, peft_model, tokenizer, builder.layout, job.template, test,
+                        predictions.get("adapter+bare"), job.evaluation.max_new_tokens)
 
     emit(progress, phase="save", stage_index=len(stages) - 1, stage_count=len(stages), stage_name="saving",
           step=0, total_steps=0, global_step=0, global_total_steps=0, loss=None, eta_s=None)
@@ -153,6 +165,7 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
         "training_cpu_seconds": round(training_cpu_seconds, 2),
         "total_seconds": None,
         "evaluation": evaluation,
+        "gate": gate,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": _environment(),
     }

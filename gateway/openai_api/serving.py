@@ -40,6 +40,7 @@ from gateway.openai_api.responses import (
     PromptInternUsage,
     UsageOut,
 )
+from gateway.openai_api.shadow import ShadowGuard
 from gateway.openai_api.shaping import ChunkShaper, Outcome, whole_response
 from gateway.prompts.recording import TrafficRecorder
 from gateway.upstream import UpstreamClient
@@ -95,18 +96,27 @@ class InferenceService:
     besides its collaborators."""
 
     def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse,
-                 upstream: UpstreamClient | None = None, recorder: TrafficRecorder | None = None) -> None:
+                 upstream: UpstreamClient | None = None, recorder: TrafficRecorder | None = None,
+                 shadow: ShadowGuard | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.in_flight = in_flight  # a version switch waits for the old adapter's requests to end
         self.recorder = recorder  # keeps a share of fallback answers as training rows
+        self.shadow = shadow  # checks a share of guarded adapter answers against the teacher
         self.relay = None if upstream is None else UpstreamRelay(upstream, metrics, self.record, self.record_error,
                                                                  self.offer)
 
     def offer(self, plan: Plan, text: str, finish: str | None, tool_calls: bool = False,
               model: str | None = None) -> None:
-        """Hand a whole answer served on the fallback route to the recorder (which decides; never raises)."""
+        """Hand a whole answer to what learns from it (each decides; never raises): the recorder takes fallback
+        answers, the shadow guard adapter answers."""
+        if plan.route == "adapter" and self.shadow is not None:
+            try:
+                self.shadow.offer(plan, text, finish, tool_calls)
+            except Exception:
+                log.exception("offering an answer of %s for a shadow check failed", plan.prompt)
+            return
         if self.recorder is None or plan.route != "fallback":
             return
         try:

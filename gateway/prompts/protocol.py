@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.agreement import AgreementMetric
+
 
 def exactly_one_of(*fields: tuple[str, str]) -> dict[str, Any]:
     """A JSON Schema `oneOf` saying that exactly one of these nullable fields is given (`(name, JSON type)` each).
@@ -67,12 +69,34 @@ class RecordOut(BaseModel):
     max_rows: int
 
 
+DEFAULT_GUARD_WINDOW = 50  # shadowed requests whose mean agreement is judged, when `guard.window` is not given
+MAX_GUARD_WINDOW = 10_000
+
+
+class GuardSetting(BaseModel):
+    """The shadow guard: for a share of the prompt's `adapter` requests, the teacher (the full prompt, on the
+    upstream or the base model) is asked too, after the client has its answer; when the mean agreement of the
+    last `window` pairs falls below `min_agreement`, the prompt rolls back by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shadow_rate: float = Field(ge=0.0, le=1.0, description="Share of the prompt's adapter requests shadowed (0..1).")
+    min_agreement: float = Field(ge=0.0, le=1.0, description="Roll back when the window's mean agreement is below.")
+    window: int = Field(DEFAULT_GUARD_WINDOW, ge=1, le=MAX_GUARD_WINDOW,
+                        description=f"Shadowed requests judged together (default {DEFAULT_GUARD_WINDOW}).")
+    metric: AgreementMetric = Field("exact", description="`exact` (whitespace-normalised exact match, default), "
+                                                         "or `chrf` / `bleu` (sentence score / 100) for long answers.")
+
+
 class PatchPrompt(BaseModel):
     """A JSON merge patch of a prompt's settings: a field present replaces the setting, `null` turns it off."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"record": {"rate": 0.1}}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"record": {"rate": 0.1}}, {"guard": {"shadow_rate": 0.05, "min_agreement": 0.8, "window": 50}}]})
 
     record: RecordSetting | None = Field(None, description="Record this share of fallback answers; null: stop.")
+    guard: GuardSetting | None = Field(None, description="Shadow-check this share of adapter answers and roll back "
+                                                         "when they stop agreeing with the teacher; null: off.")
 
 
 class TrafficList(BaseModel):
@@ -137,11 +161,13 @@ class AddAdapter(BaseModel):
 
 class VersionOut(BaseModel):
     version: int
-    status: Literal["training", "loading", "ready", "failed"]
+    status: Literal["training", "loading", "ready", "failed", "rejected"]
     source: str
     created: datetime
     manifest: dict[str, Any] | None = None
-    error: str | None = None
+    error: str | None = Field(None, description="Why the version failed (status `failed`).")
+    reason: str | None = Field(None, description="Why it was rejected (status `rejected`: the promotion gate's "
+                                                 "figures, or the guard's rollback).")
 
 
 class JobOut(BaseModel):
@@ -169,6 +195,7 @@ class PromptOut(BaseModel):
     versions: list[VersionOut]
     job: JobOut | None = None
     record: RecordOut | None = Field(None, description="Recording of fallback answers; null: off.")
+    guard: GuardSetting | None = Field(None, description="The shadow guard; null: off.")
     created: datetime
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from core.templates import PromptTemplate, parse_template
 from gateway.errors import Unprocessable
-from gateway.prompts.protocol import DEFAULT_MAX_ROWS, JobOut, RecordOut, RecordSetting, VersionOut
+from gateway.prompts.protocol import DEFAULT_MAX_ROWS, GuardSetting, JobOut, RecordOut, RecordSetting, VersionOut
 from gateway.registry.store import JobRecord, PromptRecord, VersionRecord
 
 
@@ -62,8 +62,12 @@ def job_out(job: JobRecord) -> JobOut:
 
 
 def version_out(version: VersionRecord) -> VersionOut:
-    """The wire shape of a version; a status the API does not document fails here, not in a client."""
-    return VersionOut.model_validate(version, from_attributes=True)
+    """The wire shape of a version; a status the API does not document fails here, not in a client. A rejected
+    version's reason is kept in the registry's `error` column and shown as `reason`."""
+    out = VersionOut.model_validate(version, from_attributes=True)
+    if version.status == "rejected":
+        return out.model_copy(update={"reason": version.error, "error": None})
+    return out
 
 
 def record_setting(setting: RecordSetting | None) -> dict[str, Any] | None:
@@ -79,7 +83,17 @@ def record_out(record: dict[str, Any] | None) -> RecordOut | None:
     return RecordOut(rate=float(record.get("rate", 0.0)), max_rows=int(record.get("max_rows") or DEFAULT_MAX_ROWS))
 
 
-def record_fields(record: dict[str, Any] | None) -> dict[str, Any]:
-    """The routing entry's recording fields for a registry `record` setting."""
+def guard_setting(guard: GuardSetting | None) -> dict[str, Any] | None:
+    """A `guard` setting as the registry keeps it (None: off)."""
+    return None if guard is None else guard.model_dump()
+
+
+def guard_out(guard: dict[str, Any] | None) -> GuardSetting | None:
+    return GuardSetting.model_validate(guard) if guard else None
+
+
+def settings_fields(record: dict[str, Any] | None, guard: dict[str, Any] | None) -> dict[str, Any]:
+    """The routing entry's fields for a prompt's registry settings: recording and the shadow guard."""
     out = record_out(record)
-    return {"record_rate": out.rate if out else 0.0, "record_max_rows": out.max_rows if out else 0}
+    return {"record_rate": out.rate if out else 0.0, "record_max_rows": out.max_rows if out else 0,
+            "guard": guard_out(guard)}

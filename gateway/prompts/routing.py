@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from core.templates import PromptTemplate
 from gateway.matcher import Match, Matcher
+from gateway.prompts.protocol import GuardSetting
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class RoutablePrompt:
     tenant: str | None = None  # None: global, matched for every caller
     record_rate: float = 0.0  # share of its fallback answers recorded as training rows (0: off)
     record_max_rows: int = 0  # recorded rows kept (a ring buffer)
+    guard: GuardSetting | None = None  # the shadow guard of its adapter answers (None: off)
 
     def visible_to(self, tenant: str | None) -> bool:
         return self.tenant is None or self.tenant == tenant

@@ -32,11 +32,13 @@ from gateway.prompts.imports import (
 from gateway.prompts.protocol import PatchPrompt, PromptOut, RegisterPrompt, TrafficList, TrainSpec
 from gateway.prompts.records import (
     adapter_model_id,
+    guard_out,
+    guard_setting,
     inference_mode,
     job_out,
-    record_fields,
     record_out,
     record_setting,
+    settings_fields,
     takes_bare_query,
     template_from_record,
     validate_examples,
@@ -152,7 +154,8 @@ class PromptService:
     def _entries(records: list[PromptRecord]) -> list[RoutablePrompt]:
         """Blocking: each prompt's routing entry, without an adapter yet; its static tokens are counted at its
         first match (tokenising 100,000 long templates would take minutes of start-up)."""
-        return [RoutablePrompt(r.name, template_from_record(r), None, None, tenant=r.tenant, **record_fields(r.record))
+        return [RoutablePrompt(r.name, template_from_record(r), None, None, tenant=r.tenant,
+                               **settings_fields(r.record, r.guard))
                 for r in records]
 
     async def close(self) -> None:
@@ -195,10 +198,10 @@ class PromptService:
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(name, template, static, entry.adapter if entry else None,
                                          entry.bare if entry else True, record.tenant), name)
-        recording = record_fields(record.record)
+        settings = settings_fields(record.record, record.guard)
         entry = self.routing.require(name)
-        if (entry.record_rate, entry.record_max_rows) != (recording["record_rate"], recording["record_max_rows"]):
-            self._publish(replace(entry, **recording), name)
+        if any(getattr(entry, key) != value for key, value in settings.items()):
+            self._publish(replace(entry, **settings), name)
         current = self.routing.require(name).adapter
         ready = [v for v in record.versions if v.status == "ready"]
         if current is not None and ready and adapter_model_id(name, ready[-1].version) == current:
@@ -306,7 +309,7 @@ class PromptService:
                                              examples, body.tenant, recording)
             static = await asyncio.to_thread(self.counter.static_tokens, template)
             self._publish(RoutablePrompt(body.name, template, static, None, tenant=body.tenant,
-                                         **record_fields(recording)), body.name)
+                                         **settings_fields(recording, None)), body.name)
             if files is not None:
                 try:
                     await self._add_adapter_locked(body.name, files)
@@ -322,12 +325,15 @@ class PromptService:
     async def train(self, name: str, spec: TrainSpec) -> JobRecord:
         """Queue a training job for a registered prompt (validated now, trained in order)."""
         record = await asyncio.to_thread(self.registry.get, name)
-        if spec.source == "traffic":
+        traffic = spec.source == "traffic"
+        if traffic:
             spec = await self._traffic_spec(name, spec)
         elif spec.data is None and spec.path is None:
             raise Unprocessable("give exactly one of 'data' (rows), 'path' (a server-side JSONL file) or "
                                 "'source': 'traffic' (the recorded answers)", param="train", code="invalid_train_data")
         prepared = await self._prepare_training(template_from_record(record), spec)
+        if traffic:  # the promotion gate applies to it
+            prepared = prepared.model_copy(update={"source": "traffic"})
         return await self.jobs.submit(name, prepared)
 
     async def _traffic_spec(self, name: str, spec: TrainSpec) -> TrainSpec:
@@ -335,6 +341,10 @@ class PromptService:
         copied into the job now, so a purge while it waits or trains changes nothing for it."""
         if spec.data is not None or spec.path is not None:
             raise Unprocessable("give exactly one of 'data', 'path' or 'source'", param="train",
+                                code="invalid_train_data")
+        if spec.eval_fraction <= 0:
+            raise Unprocessable("training from traffic holds recorded rows out for the promotion gate: "
+                                "eval_fraction must be above 0", param="train.eval_fraction",
                                 code="invalid_train_data")
         _, recorded = await asyncio.to_thread(self.registry.traffic, name)
         minimum = self.settings.min_traffic_rows
@@ -473,11 +483,12 @@ class PromptService:
         async with self._lock:
             record = await asyncio.to_thread(self.registry.get, name)
             if "record" in body.model_fields_set:
-                recording = record_setting(body.record)
-                record = await asyncio.to_thread(self.registry.set_record, name, recording)
-                entry = self.routing.get(name)
-                if entry is not None:  # this replica at once; the others through the change log
-                    self._publish(replace(entry, **record_fields(recording)), name)
+                record = await asyncio.to_thread(self.registry.set_record, name, record_setting(body.record))
+            if "guard" in body.model_fields_set:
+                record = await asyncio.to_thread(self.registry.set_guard, name, guard_setting(body.guard))
+            entry = self.routing.get(name)
+            if entry is not None:  # this replica at once; the others through the change log
+                self._publish(replace(entry, **settings_fields(record.record, record.guard)), name)
         return record
 
     async def traffic(self, name: str, limit: int | None) -> TrafficList:
@@ -501,6 +512,7 @@ class PromptService:
             versions=[version_out(v) for v in record.versions],
             job=job_out(job) if job else None,
             record=record_out(record.record),
+            guard=guard_out(record.guard),
             created=record.created,
         )
 

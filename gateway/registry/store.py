@@ -137,7 +137,8 @@ def _job(row: TrainJobRow, prompt: str) -> JobRecord:
 
 def _prompt(row: PromptRow) -> PromptRecord:
     return PromptRecord(row.name, row.tenant, row.kind, row.template, list(row.examples or []), row.created_at,
-                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record, row.guard)
+                        [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record,
+                        row.guard)
 
 
 def check_prompt_name(name: str) -> None:
@@ -290,13 +291,42 @@ class PromptRegistry:
 
     def set_record(self, name: str, record: dict[str, Any] | None) -> PromptRecord:
         """Replace the prompt's recording setting (None: off); every replica follows it through the change log."""
+        return self._set_setting(name, record=record)
+
+    def set_guard(self, name: str, guard: dict[str, Any] | None) -> PromptRecord:
+        """Replace the prompt's shadow guard setting (None: off); every replica follows it."""
+        return self._set_setting(name, guard=guard)
+
+    def _set_setting(self, name: str, **setting: dict[str, Any] | None) -> PromptRecord:
         with self._session() as s:
             prompt_id = self._lock_prompt(s, name)
-            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(record=record)
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(**setting)
                       .execution_options(synchronize_session=False))
             self._changed(s, name)
             s.commit()
         return self.get(name)
+
+    def reject_active(self, name: str, version: int, reason: str) -> bool:
+        """Roll the prompt back from `version`: mark it `rejected` with `reason`, only if it is still the prompt's
+        active version (its newest ready one). A compare-and-set under the prompt's lock, so replicas judging the
+        same version at once roll back once: the others get False. The previous ready version (or, with none,
+        the fallback route) takes over on every replica through the change log."""
+        with self._session() as s:
+            try:
+                prompt_id = self._lock_prompt(s, name)
+            except NotFoundError:
+                return False
+            newest = s.scalar(select(func.max(AdapterVersionRow.version))
+                              .where(AdapterVersionRow.prompt_id == prompt_id, AdapterVersionRow.status == "ready"))
+            if newest != version:
+                s.rollback()
+                return False
+            s.execute(update(AdapterVersionRow)
+                      .where(AdapterVersionRow.prompt_id == prompt_id, AdapterVersionRow.version == version)
+                      .values(status="rejected", error=reason).execution_options(synchronize_session=False))
+            self._changed(s, name)
+            s.commit()
+            return True
 
     # -- recorded traffic (a ring buffer per prompt; not a routing change: no change log) ---------
 
