@@ -185,3 +185,36 @@ def test_replicas_rows_add_up_and_registered_ones_leave(database_url: str) -> No
         assert registry.discovered("a")[0].requests == 16
     finally:
         registry.close()
+
+
+def test_the_cli_lists_and_registers_candidates(server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import time
+
+    from gateway.cli import main
+    from tests.conftest import ADMIN_KEY
+
+    rng = random.Random(11)
+    for _ in range(20):
+        send(server, {"prompt": f"Classify the sentiment of this review as positive or negative, one word.\n"
+                                f"Review: {value(rng, 6)}\nSentiment:"})
+    monkeypatch.setenv("PROMPTINTERN_ADMIN_KEY", ADMIN_KEY)
+
+    def listed() -> list[dict[str, Any]]:
+        with pytest.raises(SystemExit) as done:
+            main(["prompts", "--url", server.url, "candidates"])
+        assert done.value.code in (0, None)
+        data: list[dict[str, Any]] = json.loads(capsys.readouterr().out)["data"]
+        return [c for c in data if isinstance(c["template"], str) and c["template"].startswith("Classify")]
+
+    deadline = time.monotonic() + 20
+    while not (found := listed()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert found[0]["slots"] == ["review"]
+    with pytest.raises(SystemExit) as done:
+        main(["prompts", "--url", server.url, "candidates", "--register", found[0]["id"], "--name", "sentiment",
+              "--slot", "review=text"])
+    assert done.value.code in (0, None)
+    assert json.loads(capsys.readouterr().out)["slots"] == ["text"]

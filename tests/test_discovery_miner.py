@@ -46,7 +46,8 @@ def proposed(miner: PromptMiner) -> list[Summary]:
 
 
 def same_shape(template: SyntheticTemplate, summary: Summary) -> bool:
-    roles = ("prompt",) if summary.kind == "completion" else tuple(m["role"] for m in summary.template)
+    mined = summary.template
+    roles = ("prompt",) if isinstance(mined, str) else tuple(m["role"] for m in mined)
     return template.kind == summary.kind and template.roles == roles
 
 
