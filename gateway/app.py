@@ -25,11 +25,11 @@ from core.adapter_store import AdapterStore
 from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway import __version__
-from gateway.engines.base import Engine
-from gateway.engines.inflight import AdapterUse
 from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.discovery.routes import router as discovery_router
 from gateway.discovery.service import PromptDiscovery
+from gateway.engines.base import Engine
+from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
