@@ -130,6 +130,14 @@ def cmd_paper(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discovery(args: argparse.Namespace) -> int:
+    from benchmarks import discovery
+
+    discovery.run(Settings(), request_tokens=args.request_tokens, repeats=args.repeats, distinct=args.distinct,
+                  words=args.words, trials=args.trials)
+    return 0
+
+
 def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`bench` and its targets on `commands` (the `promptintern` parser's subcommands)."""
     bench = commands.add_parser("bench", help="benchmarks that print figures (the [bench] extra)",
@@ -142,6 +150,18 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_load(targets)
     _add_dashboard(targets)
     _add_paper(targets)
+    _add_discovery(targets)
+
+
+def _add_discovery(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("discovery", help="prompt discovery: response-path cost, memory, precision and recall")
+    p.add_argument("--request-tokens", type=count, default=2000, help="request size in tokens (default 2000)")
+    p.add_argument("--repeats", type=count, default=5000, help="offers timed (default 5000)")
+    p.add_argument("--distinct", type=count, default=10_000, help="distinct requests for the memory figure "
+                                                                   "(default 10000)")
+    p.add_argument("--words", type=count, default=300, help="words per distinct request (default 300)")
+    p.add_argument("--trials", type=count, default=40, help="generated traffic mixes scored (default 40)")
+    p.set_defaults(func=_guarded(cmd_discovery))
 
 
 def _add_matcher(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -127,6 +127,19 @@ class Settings(BaseSettings):
         500, ge=0, description="Prompts with `/metrics` series of their own (the first registered or counted); the "
                                "rest are counted under prompt=\"other\".")
 
+    discovery: bool = Field(
+        True, description="Mine passthrough requests for recurring prompts (GET /v1/prompts/candidates).")
+    discovery_sample_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of passthrough requests the discovery miner reads.")
+    discovery_min_requests: int = Field(
+        20, ge=2, description="Requests a recurring prompt needs (all replicas together) to be a candidate.")
+    discovery_min_static_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="Share of a candidate's prompt tokens that must be static (not slots).")
+    discovery_max_clusters: int = Field(
+        1000, ge=10, le=1_000_000, description="Templates the miner holds per replica (least recently seen dropped).")
+    discovery_flush_seconds: float = Field(
+        10.0, gt=0, le=3600, description="How often a replica writes what it mined to the registry (for the others).")
+
     @field_validator("model_aliases", "api_keys", "lora_targets", "upstream_models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

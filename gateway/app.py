@@ -25,6 +25,9 @@ from core.adapter_store import AdapterStore
 from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway import __version__
+from gateway.discovery.metrics import DiscoveryMetrics
+from gateway.discovery.routes import router as discovery_router
+from gateway.discovery.service import PromptDiscovery
 from gateway.engines.base import Engine
 from gateway.engines.inflight import AdapterUse
 from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
@@ -247,6 +250,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.shadow = shadow
         app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder, shadow)
         app.state.follower = follower
+        discovery = (PromptDiscovery(settings, registry, counter, DiscoveryMetrics(metrics.registry))
+                     if settings.discovery else None)
+        app.state.discovery = discovery  # passthrough requests mined for recurring prompts
         app.state.started_at = int(time.time())
         await follower.mark_synced()
         await prompts.sync()
@@ -254,12 +260,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await recorder.start()
         await shadow.start()
         await runner.start()
+        if discovery is not None:
+            await discovery.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
             await follower.close()
             await shadow.close()
+            if discovery is not None:
+                await discovery.close()
             await recorder.close()
             await runner.close()
             await prompts.close()
@@ -282,6 +292,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
     register_exception_handlers(app)
     app.include_router(openai_router)
+    app.include_router(discovery_router)  # before the registry's: `candidates` is not a prompt's name
     app.include_router(prompts_router)
 
     @app.get("/health", tags=["Operations"], summary="The process is alive")

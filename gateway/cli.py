@@ -254,6 +254,19 @@ def _run_prompts_action(client: Any, args: argparse.Namespace) -> int:
         return _show(client.get(f"/v1/prompts/{args.name}/traffic", params=params))
     if args.action == "train":
         return _show(client.post(f"/v1/prompts/{args.name}/train", json=_train_body(args)))
+    if args.action == "candidates":
+        if args.register is None:
+            return _show(client.get("/v1/prompts/candidates"))
+        if not args.name:
+            raise PromptsCommandError("--register ID needs --name NAME (the new prompt's name)")
+        if any("=" not in pair for pair in args.slot or ()):
+            raise PromptsCommandError("--slot is OLD=NEW")
+        adopt: dict[str, Any] = {"name": args.name}
+        if args.slot:
+            adopt["slots"] = dict(pair.split("=", 1) for pair in args.slot)
+        if args.record is not None:
+            adopt["record"] = {"rate": args.record}
+        return _show(client.post(f"/v1/prompts/candidates/{args.register}/register", json=adopt))
     return _register(client, args)
 
 
@@ -408,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="`traffic`: the prompt's recorded answers (self-distillation, no labels)")
     train.add_argument("--schedule", help='schedule overrides as JSON, e.g. \'{"preset": "demo"}\'')
     train.add_argument("--eval-fraction", type=float, help="share of rows held out for evaluation (default 0.2)")
+    found = actions.add_parser("candidates", help="recurring prompts found in passthrough traffic, highest projected "
+                                                  "saving first (or register one)")
+    found.add_argument("--register", metavar="ID", help="register this candidate as a prompt (needs --name)")
+    found.add_argument("--name", help="the new prompt's name")
+    found.add_argument("--slot", action="append", metavar="OLD=NEW", help="rename a slot (repeatable)")
+    found.add_argument("--record", type=float, metavar="RATE", help="record this share of its fallback answers")
     prompts.set_defaults(func=cmd_prompts)
 
     _add_bench_parser(sub)

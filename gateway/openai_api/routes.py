@@ -68,6 +68,8 @@ async def client_gone(receive: Receive) -> None:
 async def _answer(request: Request, service: InferenceService, plan: Plan, stream: bool,
                   include_usage: bool) -> Response:
     started = time.perf_counter()
+    if plan.route == "passthrough" and (discovery := getattr(request.app.state, "discovery", None)) is not None:
+        discovery.offer(plan)  # a fingerprint and an enqueue: mined in the background
     if plan.upstream:  # relayed as the client sent it (also the fallback of an adapter that fails)
         plan = replace(plan, upstream_body=await request.json())
     if not stream:

@@ -9,7 +9,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.engine import Engine as SQLEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -184,6 +196,36 @@ class RegistryChangeRow(Base):
     revision: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     prompt: Mapped[str] = mapped_column(String(64))
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class DiscoveryClusterRow(Base):
+    """A recurring prompt one replica found in its passthrough traffic (its counts since it started), flushed
+    periodically; the candidates are the rows of every replica added up per candidate id."""
+
+    __tablename__ = "discovery_clusters"
+
+    candidate_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replica: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    template: Mapped[Any] = mapped_column(JSON)
+    slots: Mapped[list[str]] = mapped_column(JSON)
+    requests: Mapped[int] = mapped_column(Integer)
+    chars_total: Mapped[int] = mapped_column(BigInteger)
+    static_chars: Mapped[int] = mapped_column(Integer)
+    examples: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DiscoveryRegisteredRow(Base):
+    """A candidate registered as a prompt: it leaves the list, and replicas stop counting it."""
+
+    __tablename__ = "discovery_registered"
+
+    candidate_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    prompt: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 def enable_sqlite_foreign_keys(engine: SQLEngine) -> None:

@@ -22,6 +22,8 @@ from core.adapter_store import AdapterStore
 from core.errors import ConflictError, InvalidInput, NotFoundError
 from gateway.registry.db import (
     AdapterVersionRow,
+    DiscoveryClusterRow,
+    DiscoveryRegisteredRow,
     PromptRow,
     RegistryChangeRow,
     RegistryStateRow,
@@ -35,6 +37,7 @@ from gateway.registry.db import (
 from gateway.registry.migrate import Migration, upgrade_to_head
 
 PROMPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = frozenset({"candidates"})  # `/v1/prompts/candidates` lists discovered prompts
 VERSION_STATUSES = ("training", "loading", "ready", "failed", "rejected")
 JOB_ACTIVE = ("queued", "running")
 VERSION_ATTEMPTS = 100  # each failed attempt means another writer took a number: progress, not a stall
@@ -118,6 +121,24 @@ class TrafficRecord:
 
 
 @dataclass(frozen=True)
+class DiscoveredPrompt:
+    """A recurring prompt found in passthrough traffic: one replica's counts, or (read back) every replica's added
+    up. `chars_total` counts the characters of every request; `static_chars` the template's without slots."""
+
+    id: str
+    tenant: str | None
+    kind: str
+    template: Any
+    slots: list[str]
+    requests: int
+    chars_total: int
+    static_chars: int
+    examples: list[dict[str, str]]
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
 class Changes:
     """What changed in the registry after a revision: the prompts to reload, or `None` when the change log no
     longer reaches back that far (then every prompt is reloaded)."""
@@ -146,6 +167,9 @@ def check_prompt_name(name: str) -> None:
         raise InvalidInput(
             "a prompt name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
             param="name", code="invalid_name")
+    if name in RESERVED_NAMES:
+        raise InvalidInput(f"'{name}' is a reserved name (GET /v1/prompts/{name} is a route of its own)",
+                           param="name", code="invalid_name")
 
 
 class PromptRegistry:
@@ -665,3 +689,66 @@ class PromptRegistry:
                       .execution_options(synchronize_session=False))
             s.commit()
             return True
+
+    # -- prompt discovery (each replica's mined templates; not a routing change: no change log) ---------------
+
+    def save_discovered(self, replica: str, found: list[DiscoveredPrompt], keep_requests: int) -> frozenset[str]:
+        """Replace this replica's rows with what it found now (its counts since it started). Its rows for templates
+        it no longer holds are dropped unless they reached `keep_requests`. Returns the registered candidates'
+        ids, which the replica stops counting."""
+        with self._session() as s:
+            existing = {row.candidate_id: row for row in s.scalars(
+                select(DiscoveryClusterRow).where(DiscoveryClusterRow.replica == replica))}
+            for item in found:
+                row = existing.pop(item.id, None)
+                if row is None:
+                    row = DiscoveryClusterRow(candidate_id=item.id, replica=replica)
+                    s.add(row)
+                row.tenant, row.kind, row.template, row.slots = item.tenant, item.kind, item.template, item.slots
+                row.requests, row.chars_total, row.static_chars = item.requests, item.chars_total, item.static_chars
+                row.examples, row.first_seen, row.last_seen = item.examples, item.first_seen, item.last_seen
+            stale = [cid for cid, row in existing.items() if row.requests < keep_requests]
+            if stale:
+                s.execute(delete(DiscoveryClusterRow).where(DiscoveryClusterRow.replica == replica,
+                                                            DiscoveryClusterRow.candidate_id.in_(stale)))
+            registered = frozenset(s.scalars(select(DiscoveryRegisteredRow.candidate_id)))
+            s.commit()
+            return registered
+
+    def discovered(self, candidate_id: str | None = None) -> list[DiscoveredPrompt]:
+        """Every replica's rows added up per candidate (one candidate: `candidate_id`), registered ones left out."""
+        with self._session() as s:
+            query = select(DiscoveryClusterRow).where(DiscoveryClusterRow.candidate_id.not_in(
+                select(DiscoveryRegisteredRow.candidate_id)))
+            if candidate_id is not None:
+                query = query.where(DiscoveryClusterRow.candidate_id == candidate_id)
+            merged: dict[str, DiscoveredPrompt] = {}
+            for row in s.scalars(query.order_by(DiscoveryClusterRow.candidate_id, DiscoveryClusterRow.replica)):
+                seen = merged.get(row.candidate_id)
+                if seen is None:
+                    merged[row.candidate_id] = DiscoveredPrompt(
+                        row.candidate_id, row.tenant, row.kind, row.template, list(row.slots), row.requests,
+                        row.chars_total, row.static_chars, list(row.examples)[:3], row.first_seen, row.last_seen)
+                    continue
+                merged[row.candidate_id] = DiscoveredPrompt(
+                    seen.id, seen.tenant, seen.kind, seen.template, seen.slots, seen.requests + row.requests,
+                    seen.chars_total + row.chars_total, seen.static_chars, (seen.examples + list(row.examples))[:3],
+                    min(seen.first_seen, row.first_seen), max(seen.last_seen, row.last_seen))
+            return list(merged.values())
+
+    def claim_discovered(self, candidate_id: str, prompt: str) -> bool:
+        """Mark a candidate registered as `prompt`; False when it already was (by another request or replica)."""
+        with self._session() as s:
+            s.add(DiscoveryRegisteredRow(candidate_id=candidate_id, prompt=prompt, created_at=utcnow()))
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                return False
+            return True
+
+    def release_discovered(self, candidate_id: str) -> None:
+        """Undo `claim_discovered` (the registration it was for failed)."""
+        with self._session() as s:
+            s.execute(delete(DiscoveryRegisteredRow).where(DiscoveryRegisteredRow.candidate_id == candidate_id))
+            s.commit()
