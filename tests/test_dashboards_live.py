@@ -49,7 +49,8 @@ ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than t
 SORT_ADAPTER_FROM = 2
 SORT_PER_ADAPTER_ROUND = 3
 SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS, ("none", "passthrough"): ROUNDS,
-        ("sort", "fallback"): SORT_ADAPTER_FROM, ("sort", "adapter"): SORT_PER_ADAPTER_ROUND * (ROUNDS - SORT_ADAPTER_FROM)}
+        ("sort", "fallback"): SORT_ADAPTER_FROM,
+        ("sort", "adapter"): SORT_PER_ADAPTER_ROUND * (ROUNDS - SORT_ADAPTER_FROM)}
 RATE_INTERVAL = "1m"  # `$__rate_interval` for the checks: wide enough to hold all of the test's traffic
 # Alerts are conditions: empty while healthy. Only vLLM's fires here, since there is no vLLM.
 ALERTS_FIRING = {"PromptInternVllmDown"}
