@@ -153,18 +153,21 @@ class TwoServers:
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(asyncio.gather(self.gateway.serve(), self.direct.serve()))
 
-    def on_loop(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the servers' thread (cProfile profiles the thread that enables it) and wait for it."""
+    def on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the servers' thread (cProfile profiles the thread that enables it; `time.thread_time` reads
+        that thread's CPU time), wait for it and return its result."""
         done = threading.Event()
+        result: list[Any] = []
 
         def call() -> None:
             try:
-                fn()
+                result.append(fn())
             finally:
                 done.set()
 
         self.loop.call_soon_threadsafe(call)
         done.wait(10)
+        return result[0] if result else None
 
     def __enter__(self) -> TwoServers:
         self.thread.start()
@@ -248,6 +251,7 @@ def run(settings: Settings, rounds: int = 2000, engine: EngineKind = "instant", 
             r.raise_for_status()
             bodies = [request_bodies(base, query, max_tokens) for query in QUERIES]
             rows = _measure(servers, bodies, rounds)
+            rows["cpu_us"] = _cpu(servers, bodies, max(1, rounds // 4))
             if profile:
                 rows["profile"] = _profile(servers, bodies, profile_rounds, profile_out)
     _print(rows, rounds, engine, max_tokens)
@@ -306,6 +310,25 @@ def _measure(servers: TwoServers, bodies: list[Requests], rounds: int) -> dict[s
             if done > 0 and (done % max(1, rounds // 10) == 0 or done == rounds):
                 print(f"[bench gateway] {done}/{rounds} rounds", flush=True)
     return {"times": times}
+
+
+def _cpu(servers: TwoServers, bodies: list[Requests], requests: int) -> dict[str, dict[str, float]]:
+    """Per condition and side, the servers' thread's CPU time per request (µs), each side alone for `requests`
+    requests: unlike wall time, hardly moved by other processes on the machine."""
+    out: dict[str, dict[str, float]] = {}
+    with httpx.Client(base_url=servers.gateway_url, timeout=120) as through, \
+            httpx.Client(base_url=servers.direct_url, timeout=120) as direct:
+        for route, stream in CONDITIONS:
+            cpu = {}
+            for side, client in (("gateway", through), ("direct", direct)):
+                start = servers.on_loop(time.thread_time)
+                for i in range(requests):
+                    this = bodies[i % len(bodies)]
+                    _timed(client, (this.gateway if side == "gateway" else this.direct)[route], stream)
+                cpu[side] = (servers.on_loop(time.thread_time) - start) / requests * 1e6
+            out[condition_name(route, stream)] = {**cpu, "added": cpu["gateway"] - cpu["direct"]}
+    print(f"[bench gateway] server CPU time measured over {requests} requests per condition and side", flush=True)
+    return out
 
 
 # -- the profile -------------------------------------------------------------------------------------------
@@ -390,6 +413,9 @@ def _print(rows: dict[str, Any], rounds: int, engine: str, max_tokens: int) -> N
     for name, f in figures.items():
         print(f"{name:<24}{f['gateway_median']:>12.3f}{f['direct_median']:>11.3f}{f['added_median']:>17.3f}"
               f"{f['added_p99']:>14.3f}")
+    print(f"\n{'server CPU per request':<24}{'gateway µs':>12}{'direct µs':>11}{'added µs':>17}")
+    for name, cpu in rows["cpu_us"].items():
+        print(f"{name:<24}{cpu['gateway']:>12.0f}{cpu['direct']:>11.0f}{cpu['added']:>17.0f}")
     for name, result in rows.get("profile", {}).items():
         print(f"\nWhere a gateway request's time goes ({name}; cProfile, µs per request, cumulative per step; "
               "profiling inflates every figure)")
