@@ -73,7 +73,8 @@ def cmd_matcher(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from benchmarks import gateway
 
-    gateway.run(Settings(), requests=args.requests)
+    gateway.run(Settings(), rounds=args.rounds, engine=args.engine, max_tokens=args.max_tokens,
+                profile=args.profile, profile_rounds=args.profile_rounds, profile_out=args.profile_out)
     return 0
 
 
@@ -181,7 +182,18 @@ def _add_matcher(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _add_gateway(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = targets.add_parser("gateway", help="the gateway's added latency against calling the engine directly")
-    p.add_argument("--requests", type=count, default=40, help="interleaved rounds (default 40)")
+    p.add_argument("--rounds", "--requests", dest="rounds", type=count, default=2000,
+                   help="interleaved rounds, each one request per condition and side (default 2000)")
+    p.add_argument("--engine", choices=("instant", "embedded"), default="instant",
+                   help="instant: a stand-in that answers at once, so only the gateway's cost shows (default); "
+                        "embedded: the real model (use few rounds)")
+    p.add_argument("--max-tokens", type=count, default=None,
+                   help="answer tokens asked for (default 16 on instant, whose answer has 8; 1 on embedded)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile the gateway alone (cProfile) and print where a request's time goes")
+    p.add_argument("--profile-rounds", type=count, default=500, help="requests per condition profiled (default 500)")
+    p.add_argument("--profile-out", type=Path, default=None,
+                   help="also save each condition's cProfile stats next to this path (for snakeviz, pstats)")
     p.set_defaults(func=_guarded(cmd_gateway))
 
 

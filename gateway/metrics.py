@@ -10,11 +10,16 @@ start, and take no place. The savings counters also carry a `tenant` label: a te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # LLM-sized latency buckets: tens of milliseconds to minutes.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
                    300.0)
+# Time per output token: a millisecond (a GPU) to a second (a large model on CPU).
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 DETECTION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 ADAPTER_STATUSES = ("training", "loading", "ready", "failed", "rejected")
 ROUTES = ("adapter", "fallback", "passthrough")
@@ -49,12 +54,43 @@ class PromptLabels:
 class PerPromptCounter:
     """A counter with a `prompt` label whose values go through `PromptLabels`, so no caller can pass the cap."""
 
-    def __init__(self, counter: Counter, labels: PromptLabels) -> None:
+    def __init__(self, counter: Counter, labels: PromptLabels, *, tenant: bool = True) -> None:
         self.counter = counter
         self._labels = labels
+        self._tenant = tenant
 
     def labels(self, prompt: str, tenant: str = NO_TENANT, **others: str) -> Counter:
+        if not self._tenant:
+            return self.counter.labels(prompt=self._labels(prompt), **others)
         return self.counter.labels(prompt=self._labels(prompt), tenant=tenant, **others)
+
+
+class PerPromptHistogram:
+    """A histogram with a `prompt` label whose values go through `PromptLabels` (as `PerPromptCounter`)."""
+
+    def __init__(self, histogram: Histogram, labels: PromptLabels) -> None:
+        self.histogram = histogram
+        self._labels = labels
+
+    def labels(self, prompt: str, **others: str) -> Histogram:
+        return self.histogram.labels(prompt=self._labels(prompt), **others)
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredSeries:
+    """The series one answered request of a (prompt label, tenant label, route) counts in, bound once: resolving
+    a label set costs several times the increment itself."""
+
+    requests: Any
+    original_prompt_tokens: Any
+    sent_prompt_tokens: Any
+    saved_prompt_tokens: Any
+    saved_cost: Any
+    completion_tokens: Any
+    decode_tokens: Any
+    request_duration: Any
+    time_to_first_token: Any
+    time_per_output_token: Any
 
 
 class GatewayMetrics:
@@ -103,10 +139,20 @@ class GatewayMetrics:
             "promptintern_request_duration_seconds", "Time from request to last byte, by route",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.time_to_first_token = Histogram(
-            "promptintern_time_to_first_token_seconds", "Time from request to first generated text, by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        self.time_to_first_token = PerPromptHistogram(Histogram(
+            "promptintern_time_to_first_token_seconds", "Time from request to first generated text, by prompt "
+            "and route", ["prompt", "route"], buckets=LATENCY_BUCKETS, registry=r,
+        ), per_prompt)
+        self.time_per_output_token = PerPromptHistogram(Histogram(
+            "promptintern_time_per_output_token_seconds", "Time per answer token after the first (from the first "
+            "generated text to the end, over the tokens after the first), by prompt and route; answers of one "
+            "token or of several choices are not observed", ["prompt", "route"], buckets=TPOT_BUCKETS, registry=r,
+        ), per_prompt)
+        self.decode_tokens = PerPromptCounter(Counter(
+            "promptintern_decode_tokens", "Answer tokens after the first of the answers observed in "
+            "promptintern_time_per_output_token_seconds, by prompt and route (decode seconds = TPOT x these)",
+            ["prompt", "route"], registry=r,
+        ), per_prompt, tenant=False)
         self.detection_duration = Histogram(
             "promptintern_detection_duration_seconds", "Time spent recognising a registered prompt",
             buckets=DETECTION_BUCKETS, registry=r,
@@ -134,8 +180,29 @@ class GatewayMetrics:
             "promptintern_rollbacks", "Versions the shadow guard rejected and rolled back from", ["prompt"],
             registry=r,
         )
+        self._answered: dict[tuple[str, str, str], AnsweredSeries] = {}
         self.track_prompt(NO_PROMPT)
         self.track_prompt(OTHER_PROMPT)
+
+    def answered(self, prompt: str, tenant: str | None, route: str) -> AnsweredSeries:
+        """The series an answered request counts in; bound once per label set (prompt and tenant labels are
+        bounded, so this cache is too)."""
+        label, tenant_label = self.prompt_labels(prompt), self.tenant_label(tenant)
+        key = (label, tenant_label, route)
+        series = self._answered.get(key)
+        if series is None:
+            series = self._answered[key] = AnsweredSeries(
+                requests=self.requests.labels(prompt=label, tenant=tenant_label, route=route),
+                original_prompt_tokens=self.original_prompt_tokens.labels(prompt=label, tenant=tenant_label),
+                sent_prompt_tokens=self.sent_prompt_tokens.labels(prompt=label, tenant=tenant_label),
+                saved_prompt_tokens=self.saved_prompt_tokens.labels(prompt=label, tenant=tenant_label),
+                saved_cost=self.saved_cost.labels(prompt=label, tenant=tenant_label),
+                completion_tokens=self.completion_tokens.labels(prompt=label, tenant=tenant_label),
+                decode_tokens=self.decode_tokens.labels(prompt=label, route=route),
+                request_duration=self.request_duration.labels(route=route),
+                time_to_first_token=self.time_to_first_token.labels(prompt=label, route=route),
+                time_per_output_token=self.time_per_output_token.labels(prompt=label, route=route))
+        return series
 
     def prompt_label(self, prompt: str) -> str:
         """The bounded `prompt` label of a prompt name (its own, or `other` beyond `max_prompts`)."""
@@ -153,6 +220,7 @@ class GatewayMetrics:
         label = self.tenant_label(tenant)
         for route in ROUTES:
             self.requests.labels(prompt=prompt, tenant=label, route=route)
+            self.decode_tokens.labels(prompt=prompt, route=route)
         for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,
                         self.saved_cost, self.completion_tokens):
             counter.labels(prompt=prompt, tenant=label)

@@ -30,7 +30,7 @@ def test_each_target_has_its_own_flags_and_defaults() -> None:
     matcher = parser.parse_args(["bench", "matcher"])
     assert (matcher.target, matcher.templates, matcher.request_tokens, matcher.repeats) == (
         "matcher", [10, 1000, 10000], 2000, 2000)
-    assert parser.parse_args(["bench", "gateway"]).requests == 40
+    assert parser.parse_args(["bench", "gateway"]).rounds == 2000
     engines = parser.parse_args(["bench", "engines", "--skip-vllm"])
     assert (engines.requests, engines.max_tokens, engines.skip_vllm) == (16, 16, True)
     dashboard = parser.parse_args(["bench", "dashboard"])
@@ -80,12 +80,16 @@ def test_without_the_benchmarks_bench_says_how_to_install_them(
 
 def test_bench_gateway_measures_every_condition_on_the_tiny_model(tiny_model_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """A short real run (one round): each condition timed, the planner timed, the table printed."""
+    """A short real run on the instant engine: each condition timed on both sides, then profiled step by step."""
     from benchmarks import gateway
     from core.config import Settings
 
-    rows = gateway.run(Settings(base_model=tiny_model_path), requests=1)
-    assert {k: len(v) for k, v in rows["times"].items()} == {
-        "engine_bare": 1, "gateway_adapter": 1, "engine_plain": 1, "gateway_passthrough": 1}
-    assert len(rows["plan"]) == 2000 and min(rows["plan"]) > 0
-    assert "added latency (median difference)" in capsys.readouterr().out
+    rows = gateway.run(Settings(base_model=tiny_model_path), rounds=3, profile=True, profile_rounds=2)
+    assert {name: {side: len(v) for side, v in sides.items()} for name, sides in rows["times"].items()} == {
+        gateway.condition_name(route, stream): {"gateway": 3, "direct": 3} for route, stream in gateway.CONDITIONS}
+    assert set(rows["summary"]) == set(rows["times"])
+    adapter = rows["profile"]["adapter, whole"]["steps_us"]
+    assert adapter["  detection (matcher)"] > 0 and adapter["  token counting"] > 0
+    assert rows["profile"]["passthrough, streamed"]["steps_us"]["SSE framing (format_sse_event)"] > 0
+    out = capsys.readouterr().out
+    assert "added median ms" in out and "Where a gateway request's time goes (adapter, whole" in out

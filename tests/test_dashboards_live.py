@@ -37,10 +37,20 @@ SQL = [  # registered without one: the fallback route
                                   "A: SELECT COUNT(*) FROM orders;"},
     {"role": "user", "content": "Q: {query}\nA:"},
 ]
+SORT = [  # registered without one, given one after a round: both routes, so the net-seconds-saved rule has data
+    {"role": "system", "content": "Answer with one sort command.\nInput: sort a.txt\nOutput: sort a.txt"},
+    {"role": "user", "content": "Input: {query}\nOutput:"},
+]
 QUERIES = ("make a dir", "count lines in a.txt", "print the date", "show the biggest order", "list big files")
 ROUNDS = 6
 ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than the context (400)
-SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS, ("none", "passthrough"): ROUNDS}
+# Prompt `sort` falls back in the first rounds (two: a histogram's series is created at its first observation, so
+# rate() sees the second), then has its adapter, answered three times a round: 2 of 14 fall back, under the alert.
+SORT_ADAPTER_FROM = 2
+SORT_PER_ADAPTER_ROUND = 3
+SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS, ("none", "passthrough"): ROUNDS,
+        ("sort", "fallback"): SORT_ADAPTER_FROM,
+        ("sort", "adapter"): SORT_PER_ADAPTER_ROUND * (ROUNDS - SORT_ADAPTER_FROM)}
 RATE_INTERVAL = "1m"  # `$__rate_interval` for the checks: wide enough to hold all of the test's traffic
 # Alerts are conditions: empty while healthy. Only vLLM's fires here, since there is no vLLM.
 ALERTS_FIRING = {"PromptInternVllmDown"}
@@ -88,9 +98,17 @@ def _failed(seen: Observed, response: httpx.Response, route: str, code: int) -> 
     seen.errors[route, str(code)] += 1
 
 
-def _send_traffic(seen: Observed) -> None:
+def _send_traffic(seen: Observed, sort_adapter: Path) -> None:
     server = seen.server
     for r in range(ROUNDS):
+        if r == SORT_ADAPTER_FROM:
+            with server.admin() as admin:
+                added = admin.post("/v1/prompts/sort/adapters", json={"adapter_path": str(sort_adapter)})
+                assert added.status_code == 201, added.text
+        adapter = r >= SORT_ADAPTER_FROM
+        for i in range(SORT_PER_ADAPTER_ROUND if adapter else 1):
+            _answered(seen, _chat(server, _fill(SORT, QUERIES[(r + i) % len(QUERIES)])), "sort",
+                      "adapter" if adapter else "fallback")
         for i in range(2):
             _answered(seen, _chat(server, _fill(SHELL, QUERIES[(2 * r + i) % len(QUERIES)])), "shell", "adapter")
         _answered(seen, _chat(server, _fill(SQL, QUERIES[r % len(QUERIES)])), "sql", "fallback")
@@ -111,16 +129,18 @@ def deploy(request: pytest.FixtureRequest) -> DeployFiles:
 def observed(tiny_model_path: Path, module_tmp: Path, deploy: DeployFiles) -> Iterator[Observed]:
     require_prometheus()
     adapter = random_lora(tiny_model_path, module_tmp / "data" / "import" / "shell-lora", seed=21, scale=20.0)
+    sort_adapter = random_lora(tiny_model_path, module_tmp / "data" / "import" / "sort-lora", seed=22, scale=20.0)
     with LiveServer(gateway_settings(module_tmp, tiny_model_path)) as server:
         with server.admin() as admin:
             r = admin.post("/v1/prompts", json={"name": "shell", "messages": SHELL, "adapter_path": str(adapter)})
             assert r.status_code == 201 and r.json()["status"] == "ready", r.text
             assert admin.post("/v1/prompts", json={"name": "sql", "messages": SQL}).status_code == 201
+            assert admin.post("/v1/prompts", json={"name": "sort", "messages": SORT}).status_code == 201
         target = server.url.removeprefix("http://")
         with prom.start_prometheus(module_tmp, [target], "1s", deploy=deploy) as prometheus:
             prom.wait_for_scrapes(prometheus.url, 2, job=prom.GATEWAY_JOB)
             seen = Observed(server, prometheus.url, started=time.time())
-            _send_traffic(seen)
+            _send_traffic(seen, sort_adapter)
             done = prom.wait_for_scrapes(prometheus.url, 1, job=prom.GATEWAY_JOB)
             prom.wait_for_scrapes(prometheus.url, done + 2, job=prom.GATEWAY_JOB)
             yield seen
@@ -200,7 +220,7 @@ def test_counters_equal_what_the_responses_said(observed: Observed) -> None:
     for metric, expected in (("original", observed.original), ("sent", observed.sent), ("saved", observed.saved)):
         got = _by(url, f"promptintern_{metric}_prompt_tokens_total", "prompt")
         # `other` (prompts past METRICS_MAX_PROMPTS) is always exported, at 0 here: two prompts are far below it.
-        assert got == {**{(p,): float(expected[p]) for p in ("shell", "sql", "none")}, ("other",): 0.0}, metric
+        assert got == {**{(p,): float(expected[p]) for p in ("shell", "sql", "sort", "none")}, ("other",): 0.0}, metric
     assert observed.saved["shell"] > 0 and observed.saved["sql"] == observed.saved["none"] == 0
     cost = _by(url, "promptintern_saved_cost_usd_total", "prompt")
     assert cost[("shell",)] == pytest.approx(observed.saved["shell"] / 1000 * price, rel=1e-9)

@@ -96,6 +96,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, deploy: DeployFiles) -> Iter
     metrics.requests.labels(prompt="p1", route="fallback")
     metrics.requests.labels(prompt="none", route="passthrough")
     metrics.request_errors.labels(route="adapter", code="500")
+    for route in ("adapter", "fallback"):
+        metrics.time_to_first_token.labels(prompt="p1", route=route)
+    metrics.time_per_output_token.labels(prompt="p1", route="adapter")
+    metrics.time_per_output_token.labels(prompt="none", route="passthrough")
+    metrics.decode_tokens.labels(prompt="p1", route="adapter")
     port = free_port()
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     try:
@@ -154,7 +159,11 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
         metrics.request_errors.labels(route="adapter", code="500").inc(1)
         metrics.request_duration.labels(route="adapter").observe(0.3)
         metrics.request_duration.labels(route="fallback").observe(4.0)
-        metrics.time_to_first_token.labels(route="adapter").observe(0.08)
+        metrics.time_to_first_token.labels(prompt="p1", route="adapter").observe(0.1)
+        metrics.time_to_first_token.labels(prompt="p1", route="fallback").observe(1.0)
+        metrics.time_per_output_token.labels(prompt="p1", route="adapter").observe(0.05)
+        metrics.time_per_output_token.labels(prompt="none", route="passthrough").observe(0.03)
+        metrics.decode_tokens.labels(prompt="p1", route="adapter").inc(3 * 9)  # 9 tokens after the first each
         metrics.detection_duration.observe(2e-5)
     metrics.set_adapter_counts({"ready": 2, "failed": 1})
     done = harness.wait_for_scrapes(url, 1, job=harness.GATEWAY_JOB)
@@ -165,6 +174,9 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
     # 10 server errors against 50 answered requests plus those 10.
     assert _settled(url, "promptintern:request_errors:ratio_rate5m", 10 / 60) == pytest.approx(10 / 60)
     assert _settled(url, 'promptintern:saved_cost_usd_per_hour:rate5m{prompt="p1"}') > 0
+    # Prefill saved (1.0 s - 0.1 s to the first token) minus decode overhead ((0.05 - 0.03) s x 9 tokens).
+    net = 'promptintern:net_seconds_saved_per_request:mean5m{prompt="p1"}'
+    assert _settled(url, net, 0.9 - 0.02 * 9) == pytest.approx(0.72)
 
     # The dashboard's per-prompt share of tokens removed, with $prompt set to the prompt.
     [share] = [

@@ -259,18 +259,22 @@ class InferenceService:
         # original, and what the upstream billed.
         original = plan.original_tokens if plan.route == "adapter" and plan.original_tokens is not None else sent
         saved = max(0, original - sent)
-        label = plan.prompt_label
-        m = self.metrics
-        tenant = m.tenant_label(plan.tenant)
-        m.requests.labels(prompt=label, tenant=tenant, route=plan.route).inc()
-        m.original_prompt_tokens.labels(prompt=label, tenant=tenant).inc(original)
-        m.sent_prompt_tokens.labels(prompt=label, tenant=tenant).inc(sent)
-        m.saved_prompt_tokens.labels(prompt=label, tenant=tenant).inc(saved)
-        m.saved_cost.labels(prompt=label, tenant=tenant).inc(saved / 1000 * self.settings.price_input_per_1k)
-        m.completion_tokens.labels(prompt=label, tenant=tenant).inc(usage.completion_tokens)
-        m.request_duration.labels(route=plan.route).observe(time.perf_counter() - started)
+        series = self.metrics.answered(plan.prompt_label, plan.tenant, plan.route)
+        series.requests.inc()
+        series.original_prompt_tokens.inc(original)
+        series.sent_prompt_tokens.inc(sent)
+        series.saved_prompt_tokens.inc(saved)
+        series.saved_cost.inc(saved / 1000 * self.settings.price_input_per_1k)
+        series.completion_tokens.inc(usage.completion_tokens)
+        elapsed = time.perf_counter() - started
+        series.request_duration.observe(elapsed)
         if ttft is not None:
-            m.time_to_first_token.labels(route=plan.route).observe(ttft)
+            series.time_to_first_token.observe(ttft)
+            # Time per output token, as vLLM defines it: the time after the first token over the tokens after it
+            # (one choice only: several choices' tokens are generated side by side).
+            if usage.completion_tokens > 1 and plan.request.params.n == 1:
+                series.time_per_output_token.observe(max(0.0, elapsed - ttft) / (usage.completion_tokens - 1))
+                series.decode_tokens.inc(usage.completion_tokens - 1)
         return UsageOut(prompt_tokens=sent, completion_tokens=usage.completion_tokens,
                         total_tokens=sent + usage.completion_tokens,
                         promptintern=PromptInternUsage(original_prompt_tokens=original, saved_prompt_tokens=saved))

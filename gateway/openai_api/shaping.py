@@ -94,13 +94,23 @@ def whole_response(plan: Plan, outcome: Outcome, usage: UsageOut,
 
 
 class ChunkShaper:
-    """Builds one request's stream chunks as JSON."""
+    """Builds one request's stream chunks as JSON.
+
+    Every chunk of a stream shares its fields but `choices`, so they are serialised once: a chunk is that JSON
+    with its one choice's JSON spliced into `choices` (the same bytes as serialising the whole chunk model).
+    """
 
     def __init__(self, plan: Plan, created: int) -> None:
         self.plan = plan
         self.rid = plan.request.request_id
         self.created = created
         self._opened: set[int] = set()
+        empty = (ChatCompletionChunk(id=self.rid, created=created, model=plan.model, choices=[])
+                 if plan.endpoint == "chat" else
+                 CompletionResponse(id=self.rid, created=created, model=plan.model, choices=[])).model_dump_json()
+        if not empty.endswith('"choices":[]}'):  # `choices` is the last field sent on a chunk (usage aside)
+            raise AssertionError(f"unexpected chunk layout: {empty}")
+        self._head, self._tail = empty[:-2], "]}"
 
     def chunks(self, event: EngineEvent) -> list[str]:
         """The chunks for one engine event (a chat choice opens with the role); none for Usage."""
@@ -132,10 +142,8 @@ class ChunkShaper:
     def _chat(self, index: int, delta: ChatDelta, *, logprobs: dict[str, Any] | None = None,
               finish: str | None = None) -> str:
         choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
-        return ChatCompletionChunk(id=self.rid, created=self.created, model=self.plan.model,
-                                   choices=[choice]).model_dump_json()
+        return self._head + choice.model_dump_json() + self._tail
 
     def _completion(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
-        return CompletionResponse(id=self.rid, created=self.created, model=self.plan.model,
-                                  choices=[choice]).model_dump_json()
+        return self._head + choice.model_dump_json() + self._tail
