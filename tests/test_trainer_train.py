@@ -237,3 +237,39 @@ def test_score_exact_match_and_bleu() -> None:
     assert figures["exact_match"] == pytest.approx(200 / 3)
     assert 0 < figures["bleu"] < 100
     assert score(["a b c d"], [["a b c d"]])["bleu"] == pytest.approx(100.0)
+
+
+def test_the_kl_objective_is_zero_on_the_teachers_own_input_and_trains_the_bare_query_toward_it(
+        trainer_tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """Prompt baking: with a no-op adapter (LoRA B at zero) reading the full prompt, the student is the teacher
+    (KL 0); reading the bare query it is not (KL > 0, with a gradient); a run with `objective: kl` trains, lowers
+    its loss, and records the objective in its schedule (whose hash is unchanged for the default `sft`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import trainer.loop as loop
+
+    rows = validate_rows(TEMPLATE, tiny_rows()[:4])
+    builder = StageBuilder(TEMPLATE, EXAMPLES, rows, compressor=None, retrieval="bm25", max_examples=0)
+    full = builder.encode_stage(preset("full_prompt").stages()[0], tiny_tokenizer, range(4))  # type: ignore[arg-type]
+    bare = builder.encode_stage(preset("direct").stages()[0], tiny_tokenizer, range(4))  # type: ignore[arg-type]
+    teacher = {e.row: e for e in full}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(trainer_tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    pad = tiny_tokenizer.eos_token_id
+    assert float(loop.micro_kl_sum(model, full, teacher, pad)) == pytest.approx(0.0, abs=1e-4)
+    kl = loop.micro_kl_sum(model, bare, teacher, pad)
+    assert float(kl) > 1e-3
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+    schedule = preset("demo", steps_per_stage=[3, 12], batch_size=4, learning_rate=2e-2, warmup_steps=0,
+                      lr_scheduler="constant", lora_dropout=0.0, retrieval="bm25", objective="kl")
+    assert schedule.digest() != preset("demo").digest()
+    assert preset("demo", objective="sft").digest() == preset("demo").digest()
+    job = make_job(trainer_tiny_model, tmp_path / "kl" / "v1", rows=rows, schedule=schedule,
+                   evaluation=EvalOptions(enabled=False))
+    manifest = train_prompt(job)
+    assert manifest["schedule"]["objective"] == "kl"
+    losses = manifest["stages"][-1]["losses"]
+    assert all(loss >= 0 for loss in losses) and sum(losses[-3:]) < sum(losses[:3])

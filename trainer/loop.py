@@ -1,6 +1,7 @@
 """The optimisation loop: one LoRA adapter, one optimiser and one learning-rate curve across stages.
 
-Loss is the mean cross-entropy over response tokens only. Rows of a batch that start with the same
+Loss is the mean cross-entropy over response tokens only (or, with the `kl` objective, the mean KL divergence from
+the full-prompt base model's next-token distributions at those tokens). Rows of a batch that start with the same
 tokens (the instructions, or the whole registered prompt) share one forward pass of that prefix:
 its keys and values are computed once, broadcast to the batch, and gradients flow back through
 them, which gives the same loss and gradients as running each row in full at a fraction of the
@@ -10,7 +11,7 @@ cost of long prompts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,25 @@ def plan_micro_batches(items: Sequence[Encoded], max_tokens: int) -> list[list[E
 
 def micro_loss_sum(model: Any, items: Sequence[Encoded], pad_id: int) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of `items` (a differentiable scalar)."""
+    logits, targets = target_logits(model, items, pad_id)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def micro_kl_sum(model: Any, items: Sequence[Encoded], teacher: Mapping[int, Encoded], pad_id: int) -> torch.Tensor:
+    """Summed KL(teacher || student) over the target tokens of `items` (prompt baking): the student is the model
+    with its adapter reading each item's stage input, the teacher the same model with the adapter off reading the
+    row's full prompt (`teacher[item.row]`, the same answer tokens after it)."""
+    student, targets = target_logits(model, items, pad_id)
+    with torch.no_grad(), model.disable_adapter():
+        taught, teacher_targets = target_logits(model, [teacher[e.row] for e in items], pad_id)
+    if not torch.equal(targets, teacher_targets):
+        raise ValueError("the teacher's answer tokens differ from the student's: cannot distil token by token")
+    return torch.nn.functional.kl_div(torch.log_softmax(student, dim=-1), torch.log_softmax(taught, dim=-1),
+                                      log_target=True, reduction="sum")
+
+
+def target_logits(model: Any, items: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits predicting each target token of `items` (rows: targets in order) and those target ids."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(base, base.base_model_prefix)
     head = base.get_output_embeddings()
@@ -117,7 +137,7 @@ def micro_loss_sum(model: Any, items: Sequence[Encoded], pad_id: int) -> torch.T
             cols.append(t - 1 - prefix)
             targets.append(e.input_ids[t])
     logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="sum")
+    return logits, torch.tensor(targets)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: ProgressiveSchedule, total_steps: int) -> LambdaLR:
@@ -149,8 +169,10 @@ def train_stages(
     pad_id: int,
     on_step: StepCallback | None = None,
     show_progress: bool = False,
+    teacher: Mapping[int, Encoded] | None = None,
 ) -> list[StageResult]:
-    """Run every stage in order on the same adapter, optimiser and learning-rate curve."""
+    """Run every stage in order on the same adapter, optimiser and learning-rate curve. With `teacher` (each
+    training row's full prompt and answer, by row), the loss is the KL objective (`micro_kl_sum`)."""
     n_rows = len(encoded[0]) if encoded else 0
     plans: list[list[list[list[Encoded]]]] = []
     for stage, items in zip(stages, encoded, strict=True):
@@ -176,7 +198,9 @@ def train_stages(
             n_targets = sum(e.target_len for m in micro_batches for e in m)
             total = 0.0
             for micro in micro_batches:
-                loss = micro_loss_sum(model, micro, pad_id) / n_targets
+                summed = (micro_loss_sum(model, micro, pad_id) if teacher is None
+                          else micro_kl_sum(model, micro, teacher, pad_id))
+                loss = summed / n_targets
                 loss.backward()
                 total += float(loss.detach())
             if schedule.max_grad_norm > 0:

@@ -207,6 +207,15 @@ class ProgressiveSchedule:
         metadata={"help": "How examples are chosen for a query: MiniLM embedding similarity or BM25."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for LoRA initialisation, shuffling and dropout."})
+    objective: Literal["sft", "kl"] = field(
+        default="sft",
+        metadata={
+            "help": "sft: cross-entropy on the rows' answers. kl: distil the base model's token distributions "
+            "given the full registered prompt (prompt baking): at each answer token the adapter, reading its "
+            "stage input, is trained toward the full-prompt base model's whole next-token distribution. For "
+            "rows the base model itself answered (traffic recorded with the local base model as the teacher)."
+        },
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(ProgressiveSchedule)
@@ -324,6 +333,8 @@ class ProgressiveSchedule:
         """Stable hash of everything that changes the trained weights (the label excluded)."""
         body = self.to_dict()
         body.pop("name")
+        if body["objective"] == "sft":  # the default: hashes stay those of the schedules before it existed
+            body.pop("objective")
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @classmethod

@@ -23,8 +23,8 @@ import torch
 
 from core.adapter_store import make_staging_dir, publish_dir
 from trainer import cache as store
-from trainer.data import TrainDataError, validate_examples
-from trainer.dataset import Encoded, StageBuilder, check_lengths
+from trainer.data import RESPONSE, TrainDataError, slot_values, validate_examples
+from trainer.dataset import Encoded, StageBuilder, check_lengths, encode, prompt_text
 from trainer.gate import run_gate
 from trainer.heldout import check_held_out_lengths, evaluate_base, evaluate_job
 from trainer.job import (
@@ -92,6 +92,12 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
         max_examples=max((s.examples for s in stages), default=0),
     )
     encoded: dict[str, list[Encoded]] = {s.name: builder.encode_stage(s, tokenizer, train_ids) for s in stages}
+    teacher = None
+    if schedule.objective == "kl":  # the full prompt and answer of every training row: the base model reads it
+        teacher_items = [encode(tokenizer, i, prompt_text(tokenizer, builder.layout.full_prompt(
+            slot_values(job.template, row))), row[RESPONSE]) for i, row in zip(train_ids, train, strict=True)]
+        encoded["teacher (full prompt, kl objective)"] = teacher_items
+        teacher = {e.row: e for e in teacher_items}
     check_lengths(encoded, limit, "schedule.max_length or the model's context")
     check_held_out_lengths(job, tokenizer, builder.layout, test, context)
     data = data_hash(job, train, test)
@@ -113,7 +119,7 @@ def train_prompt(job: TrainJob, progress: ProgressCallback | None = None) -> dic
     train_started, cpu_started = time.monotonic(), time.process_time()
     results = train_stages(
         peft_model, schedule, stages, [encoded[s.name] for s in stages], pad_id=pad_id,
-        on_step=on_step, show_progress=job.show_progress,
+        on_step=on_step, show_progress=job.show_progress, teacher=teacher,
     )
     training_seconds = time.monotonic() - train_started
     training_cpu_seconds = time.process_time() - cpu_started
