@@ -152,6 +152,35 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_dashboard(targets)
     _add_paper(targets)
     _add_discovery(targets)
+    _add_traffic(targets)
+
+
+def _add_traffic(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = targets.add_parser("traffic", help="learning from traffic on NL2Bash: record an upstream's answers, train "
+                                           "from them (no labels), compare with gold-label training")
+    p.add_argument("--train-rows", type=count, default=120, help="training queries sent and recorded (default 120)")
+    p.add_argument("--test-rows", type=count, default=40, help="held-out test queries (default 40)")
+    p.add_argument("--schedule", default="demo", help="training schedule preset for both adapters (default demo)")
+    p.add_argument("--teacher-adapter", type=Path, default=None,
+                   help="an adapter folder the upstream serves the prompt with (a stronger teacher); default: the "
+                        "base model with the full prompt")
+    p.add_argument("--steps-per-stage", type=count, nargs="+", default=None,
+                   help="override the schedule's steps per stage (a quick look; not the preset's quality)")
+    p.add_argument("--no-shadow", action="store_true", help="skip the shadow guard latency measurement")
+    p.add_argument("--no-kl", action="store_true",
+                   help="skip the third adapter (the recorded rows with the kl objective; base-model teacher only)")
+    p.add_argument("--out", type=Path, default=Path("docs/traffic"),
+                   help="results folder: traffic.json, report.md, readme_section.md (default docs/traffic)")
+    p.set_defaults(func=_guarded(cmd_traffic))
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from benchmarks.traffic import TrafficOptions, run
+
+    run(Settings(), TrafficOptions(train_rows=args.train_rows, test_rows=args.test_rows, schedule=args.schedule,
+                                   teacher_adapter=args.teacher_adapter, out=args.out, shadow=not args.no_shadow,
+                                   kl=not args.no_kl, steps_per_stage=args.steps_per_stage))
+    return 0
 
 
 def _add_discovery(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

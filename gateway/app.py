@@ -43,7 +43,7 @@ from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
 from gateway.registry.store import PromptRegistry
-from gateway.tokens import TokenCounter
+from gateway.tokens import TokenCounter, UpstreamCalibration
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -242,13 +242,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = the_engine
         app.state.prompts = prompts
         app.state.jobs = runner
-        app.state.planner = Planner(settings, prompts, counter, metrics)
+        calibration = UpstreamCalibration()  # the upstream's token counts per prompt, learnt from its usage
+        app.state.planner = Planner(settings, prompts, counter, metrics, calibration)
         recorder = TrafficRecorder(registry, prompts.routable)
         app.state.recorder = recorder
         shadow = ShadowGuard(the_engine, in_flight, registry, metrics, prompts.routable, versions_changed,
                              upstream=upstream, recorder=recorder, concurrency=settings.shadow_concurrency)
         app.state.shadow = shadow
-        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder, shadow)
+        app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder, shadow,
+                                               calibration)
         app.state.follower = follower
         discovery = (PromptDiscovery(settings, registry, counter, DiscoveryMetrics(metrics.registry))
                      if settings.discovery else None)

@@ -51,3 +51,31 @@ class TokenCounter:
 
     def original_tokens(self, static_tokens: int, values: Mapping[str, str]) -> int:
         return static_tokens + sum(self.count_text(v) for v in values.values())
+
+
+class UpstreamCalibration:
+    """Per prompt, how the upstream's tokenizer counts the prompt against the gateway's, learnt from the `usage`
+    the upstream billed for that prompt's relayed (fallback) requests, whose original tokens the gateway also
+    counted. An adapter answer of an upstream model then counts as original what the upstream would have billed
+    (the gateway's count times the prompt's ratio), not the gateway's own count. Kept per replica, in memory;
+    bounded (the oldest prompt forgotten beyond `max_prompts`); before any observation the ratio is 1."""
+
+    def __init__(self, max_prompts: int = 10_000) -> None:
+        self.max_prompts = max_prompts
+        self._sums: dict[str, tuple[int, int]] = {}  # prompt -> (billed, counted), over its relayed requests
+
+    def observe(self, prompt: str, counted: int, billed: int) -> None:
+        if not prompt or counted <= 0 or billed <= 0:
+            return
+        total_billed, total_counted = self._sums.pop(prompt, (0, 0))
+        self._sums[prompt] = (total_billed + billed, total_counted + counted)  # re-inserted: the newest
+        if len(self._sums) > self.max_prompts:
+            del self._sums[next(iter(self._sums))]
+
+    def ratio(self, prompt: str) -> float:
+        billed, counted = self._sums.get(prompt, (0, 0))
+        return billed / counted if counted else 1.0
+
+    def scale(self, prompt: str, counted: int) -> int:
+        """The upstream's count of a prompt the gateway counted `counted` tokens for."""
+        return round(counted * self.ratio(prompt))

@@ -218,9 +218,15 @@ def test_learning_from_a_real_upstream_gate_guard_and_rollback(tiny_model_path: 
         body = wait_for_job(admin, "learned")
         assert body["job"]["status"] == "succeeded" and body["active_version"] == 2, body["job"]
         before = upstream.requests()
+        calibration = front.app.state.inference.calibration  # learnt from the upstream's usage while relaying
+        assert calibration.ratio("learned") > 0
         for query in ("show file number 20", "show file number 21"):  # held out: never recorded nor trained on
             response = ask(query, temperature=0, stop=None, max_tokens=8)
             assert response.headers["x-promptintern-route"] == "adapter"
+            counted = front.app.state.planner.counter.original_tokens(
+                front.app.state.prompts.static_tokens(front.app.state.prompts.routable("learned")), {"query": query})
+            assert response.json()["usage"]["promptintern"]["original_prompt_tokens"] == calibration.scale(
+                "learned", counted)
         assert upstream.requests() == before  # answered here, from the bare query
 
         guard = {"shadow_rate": 1.0, "min_agreement": 0.5, "window": 2}
@@ -239,3 +245,19 @@ def test_learning_from_a_real_upstream_gate_guard_and_rollback(tiny_model_path: 
         assert response.headers["x-promptintern-route"] == "adapter"  # v2 again, shadowed and kept
         wait_until(lambda: len(front.app.state.shadow.verdicts) == 3, "v2's answer shadowed")
         assert admin.get("/v1/prompts/learned").json()["active_version"] == 2
+
+
+def test_upstream_calibration_scales_the_gateways_count_by_what_the_upstream_billed() -> None:
+    from gateway.tokens import UpstreamCalibration
+
+    calibration = UpstreamCalibration(max_prompts=2)
+    assert calibration.scale("a", 100) == 100  # nothing learnt yet
+    calibration.observe("a", counted=100, billed=130)
+    calibration.observe("a", counted=300, billed=390)
+    assert calibration.ratio("a") == pytest.approx(1.3) and calibration.scale("a", 200) == 260
+    calibration.observe("a", counted=0, billed=50)  # nothing to learn from
+    calibration.observe("", counted=10, billed=10)
+    assert calibration.ratio("a") == pytest.approx(1.3)
+    calibration.observe("b", 10, 20)
+    calibration.observe("c", 10, 5)  # beyond max_prompts: the least recently observed ("a") is forgotten
+    assert calibration.ratio("a") == 1.0 and calibration.ratio("b") == 2.0 and calibration.ratio("c") == 0.5

@@ -29,7 +29,7 @@ from gateway.openai_api.protocol import (
     engine_extras,
 )
 from gateway.prompts.service import PromptService, RoutablePrompt
-from gateway.tokens import TokenCounter
+from gateway.tokens import TokenCounter, UpstreamCalibration
 
 Route = Literal["adapter", "fallback", "passthrough"]
 Endpoint = Literal["chat", "completion"]
@@ -107,11 +107,12 @@ class Planner:
     """Turns a parsed request into a Plan; reads the registry's routing table, changes nothing."""
 
     def __init__(self, settings: Settings, prompts: PromptService, counter: TokenCounter,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, calibration: UpstreamCalibration | None = None) -> None:
         self.settings = settings
         self.prompts = prompts
         self.counter = counter
         self.metrics = metrics
+        self.calibration = calibration or UpstreamCalibration()
 
     def planned(self, plan: Callable[[B, str | None], Plan], body: B, tenant: str | None) -> Plan:
         """Plan a request (of the caller's tenant), counting refusals that happen before a route is chosen
@@ -162,7 +163,8 @@ class Planner:
         match = None if special else self._detect(
             lambda pairs: self.prompts.match_chat(pairs, tenant),
             [(m.role, t) for m, t in zip(body.messages, texts, strict=True)])
-        return replace(self._plan_match("chat", body.model, match, request), upstream=self._upstream(body.model, None))
+        return self._calibrated(replace(self._plan_match("chat", body.model, match, request),
+                                        upstream=self._upstream(body.model, None)))
 
     def plan_completion(self, body: CompletionRequest, tenant: str | None = None) -> Plan:
         target = self._target(body.model, tenant)
@@ -187,7 +189,14 @@ class Planner:
         if target is not None:
             return Plan("completion", body.model, "adapter", target.name, replace(request, adapter=target.adapter))
         match = None if body.n > 1 else self._detect(lambda text: self.prompts.match_completion(text, tenant), prompt)
-        return replace(self._plan_match("completion", body.model, match, request), upstream=upstream)
+        return self._calibrated(replace(self._plan_match("completion", body.model, match, request), upstream=upstream))
+
+    def _calibrated(self, plan: Plan) -> Plan:
+        """An upstream model's adapter answer counts as original what the upstream would have billed for the
+        full prompt (the gateway's count scaled by the prompt's learnt ratio, `UpstreamCalibration`)."""
+        if not plan.upstream or plan.route != "adapter" or plan.original_tokens is None:
+            return plan
+        return replace(plan, original_tokens=self.calibration.scale(plan.prompt, plan.original_tokens))
 
     def _plan_match(self, endpoint: Endpoint, model: str, match: Match | None, request: EngineRequest) -> Plan:
         if match is None:

@@ -43,6 +43,7 @@ from gateway.openai_api.responses import (
 from gateway.openai_api.shadow import ShadowGuard
 from gateway.openai_api.shaping import ChunkShaper, Outcome, whole_response
 from gateway.prompts.recording import TrafficRecorder
+from gateway.tokens import UpstreamCalibration
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,9 @@ class InferenceService:
 
     def __init__(self, settings: Settings, engine: Engine, metrics: GatewayMetrics, in_flight: AdapterUse,
                  upstream: UpstreamClient | None = None, recorder: TrafficRecorder | None = None,
-                 shadow: ShadowGuard | None = None) -> None:
+                 shadow: ShadowGuard | None = None, calibration: UpstreamCalibration | None = None) -> None:
         self.settings = settings
+        self.calibration = calibration or UpstreamCalibration()  # shared with the planner
         self.engine = engine
         self.metrics = metrics
         self.in_flight = in_flight  # a version switch waits for the old adapter's requests to end
@@ -258,6 +260,8 @@ class InferenceService:
         # Fallback and passthrough send what the app sent, so the engine's (or the upstream's) count is the exact
         # original, and what the upstream billed.
         original = plan.original_tokens if plan.route == "adapter" and plan.original_tokens is not None else sent
+        if plan.upstream and plan.route == "fallback" and plan.original_tokens is not None:
+            self.calibration.observe(plan.prompt, plan.original_tokens, sent)  # the upstream's count vs ours
         saved = max(0, original - sent)
         series = self.metrics.answered(plan.prompt_label, plan.tenant, plan.route)
         series.requests.inc()
