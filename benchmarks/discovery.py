@@ -23,10 +23,10 @@ from benchmarks.discovery_traffic import make_template, noise, static_text
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import PromptTemplate, normalize, parse_template
-from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.discovery.miner import PromptMiner, Summary, observation
 from gateway.discovery.service import PromptDiscovery
 from gateway.engines.base import EngineRequest, SamplingParams
+from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
 from gateway.registry.store import PromptRegistry
 from gateway.tokens import TokenCounter
@@ -47,8 +47,6 @@ def _observe(miner: PromptMiner, kind: str, request: Request) -> None:
 
 def response_path(settings: Settings, request_tokens: int, repeats: int) -> tuple[int, list[float]]:
     """Microseconds per `offer` of one passthrough chat request of about `request_tokens` tokens."""
-    from prometheus_client import CollectorRegistry
-
     counter = TokenCounter.from_model_dir(base_model_dir(settings))
     rng = random.Random(1)
     words = request_tokens // 8
@@ -64,7 +62,7 @@ def response_path(settings: Settings, request_tokens: int, repeats: int) -> tupl
     with tempfile.TemporaryDirectory() as tmp:
         registry = PromptRegistry(f"sqlite:///{Path(tmp) / 'bench.db'}")
         try:
-            discovery = PromptDiscovery(settings, registry, counter, DiscoveryMetrics(CollectorRegistry()))
+            discovery = PromptDiscovery(settings, registry, counter, GatewayMetrics())
 
             async def timed() -> list[float]:
                 queue = discovery._queue  # drained after each offer, so none is dropped

@@ -25,7 +25,6 @@ from core.adapter_store import AdapterStore
 from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway import __version__
-from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.discovery.routes import router as discovery_router
 from gateway.discovery.service import PromptDiscovery
 from gateway.engines.base import Engine
@@ -252,8 +251,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.inference = InferenceService(settings, the_engine, metrics, in_flight, upstream, recorder, shadow,
                                                calibration)
         app.state.follower = follower
-        discovery = (PromptDiscovery(settings, registry, counter, DiscoveryMetrics(metrics.registry))
-                     if settings.discovery else None)
+        discovery = PromptDiscovery(settings, registry, counter, metrics) if settings.discovery else None
         app.state.discovery = discovery  # passthrough requests mined for recurring prompts
         app.state.started_at = int(time.time())
         await follower.mark_synced()

@@ -10,8 +10,9 @@ start, and take no place. The savings counters also carry a `tenant` label: a te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -27,6 +28,8 @@ NO_PROMPT = "none"
 NO_TENANT = "none"
 OTHER_PROMPT = "other"
 DEFAULT_MAX_PROMPTS = 500
+SHADOW_AGREE = ("true", "false")
+TOP_CANDIDATES = 10  # discovery candidates with series of their own (the best by projected saving)
 
 
 class PromptLabels:
@@ -74,6 +77,23 @@ class PerPromptHistogram:
 
     def labels(self, prompt: str, **others: str) -> Histogram:
         return self.histogram.labels(prompt=self._labels(prompt), **others)
+
+
+class RankedCandidate(Protocol):
+    """What the discovery gauges show of a candidate (`gateway.discovery.protocol.CandidateOut`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def projected_saved_tokens(self) -> int: ...
+    @property
+    def projected_saved_usd(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,38 @@ class GatewayMetrics:
             "promptintern_rollbacks", "Versions the shadow guard rejected and rolled back from", ["prompt"],
             registry=r,
         )
+        # Prompt discovery (gateway/discovery): what the miner reads and holds, and the top candidates by projected
+        # saving (at most TOP_CANDIDATES series at a time, so the labels stay bounded).
+        self.discovery_observed = Counter(
+            "promptintern_discovery_requests", "Passthrough requests the discovery miner read (the sampled share)",
+            registry=r,
+        )
+        self.discovery_dropped = Counter(
+            "promptintern_discovery_dropped", "Passthrough requests not mined: the miner's queue was full",
+            registry=r,
+        )
+        self.discovery_clusters = Gauge(
+            "promptintern_discovery_clusters", "Templates the miner holds on this replica", registry=r,
+        )
+        self.discovery_candidates = Gauge(
+            "promptintern_discovery_candidates", "Discovered prompt candidates (all replicas)", registry=r,
+        )
+        candidate = ["rank", "candidate", "tenant", "kind"]
+        self.discovery_saved_tokens = Gauge(
+            "promptintern_discovery_projected_saved_tokens", f"Projected saved prompt tokens of the top "
+            f"{TOP_CANDIDATES} candidates (requests seen x static tokens an adapter removes)", candidate,
+            registry=r,
+        )
+        self.discovery_saved_usd = Gauge(
+            "promptintern_discovery_projected_saved_usd", "The same in USD at PRICE_INPUT_PER_1K", candidate,
+            registry=r,
+        )
+        self.discovery_requests = Gauge(
+            "promptintern_discovery_candidate_requests", f"Requests seen of the top {TOP_CANDIDATES} candidates",
+            candidate, registry=r,
+        )
+        self.discovery_candidates.set(0)
+        self.discovery_clusters.set(0)
         self._answered: dict[tuple[str, str, str], AnsweredSeries] = {}
         self.track_prompt(NO_PROMPT)
         self.track_prompt(OTHER_PROMPT)
@@ -224,7 +276,23 @@ class GatewayMetrics:
         for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,
                         self.saved_cost, self.completion_tokens):
             counter.labels(prompt=prompt, tenant=label)
+        # The shadow guard's counters too: a rollback, often the first of its prompt, must show in increase().
+        for agree in SHADOW_AGREE:
+            self.shadow_requests.labels(prompt=prompt, agree=agree)
+        self.shadow_dropped.labels(prompt=prompt)
+        self.rollbacks.labels(prompt=prompt)
 
     def set_adapter_counts(self, counts: dict[str, int]) -> None:
         for status in ADAPTER_STATUSES:
             self.adapters.labels(status=status).set(counts.get(status, 0))
+
+    def show_candidates(self, ranked: Sequence[RankedCandidate]) -> None:
+        """Set the discovery gauges from a ranked candidate list (best first): the count, and the top ones."""
+        self.discovery_candidates.set(len(ranked))
+        for gauge in (self.discovery_saved_tokens, self.discovery_saved_usd, self.discovery_requests):
+            gauge.clear()
+        for rank, c in enumerate(ranked[:TOP_CANDIDATES], start=1):
+            labels = {"rank": str(rank), "candidate": c.id, "tenant": c.tenant or NO_TENANT, "kind": c.kind}
+            self.discovery_saved_tokens.labels(**labels).set(c.projected_saved_tokens)
+            self.discovery_saved_usd.labels(**labels).set(c.projected_saved_usd)
+            self.discovery_requests.labels(**labels).set(c.requests)

@@ -1,16 +1,19 @@
 """The deploy files against live traffic: a real gateway, a real Prometheus, every dashboard and rule query.
 
 The gateway (tiny model) answers a known mix of adapter, fallback, passthrough and failing
-requests; Prometheus scrapes it every second with the repo's rules. Every query of the Grafana
-dashboard and of the rules must find series, and the savings must equal what the responses said.
+requests; Prometheus scrapes it every second with the repo's rules. One prompt's adapter is guarded
+and fails its shadow checks (rolled back), and a recurring unregistered prompt becomes a discovery
+candidate. Every query of the Grafana dashboard and of the rules must find series, and the savings,
+the guard's counts and the candidates must equal what the gateway said.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,25 @@ SORT = [  # registered without one, given one after a round: both routes, so the
     {"role": "system", "content": "Answer with one sort command.\nInput: sort a.txt\nOutput: sort a.txt"},
     {"role": "user", "content": "Input: {query}\nOutput:"},
 ]
+GUARDED = [  # registered with a random adapter and a guard it fails: shadowed, then rolled back to the fallback
+    {"role": "system", "content": "Answer with one git command.\nInput: show changes\nOutput: git status"},
+    {"role": "user", "content": "Input: {query}\nOutput:"},
+]
+GUARD_WINDOW = 2
+GUARD = {"shadow_rate": 1.0, "min_agreement": 0.5, "window": GUARD_WINDOW}
+GUARDED_ROUND = 1  # its `window` requests are sent in this round; none after, so it never falls back here
+REVIEW = [  # never registered: passthrough requests that discovery finds as a candidate
+    {"role": "system", "content": "You label the sentiment of a product review as positive, negative or neutral. "
+                                  "Answer with the label only, in lower case, and nothing else at all."},
+    {"role": "user", "content": "Review: {query}\nSentiment:"},
+]
+REVIEWS = ("the blender broke after two days", "great sound and the battery lasts all week",
+           "it does what the box says", "arrived late and the lid was cracked", "my kids love this puzzle",
+           "too small for a queen bed", "solid kettle, boils fast, a bit loud", "the colour faded after one wash",
+           "comfortable shoes for long walks", "the charger stopped working", "fine for the price",
+           "beautiful lamp but the cable is short")
+REVIEWS_PER_ROUND = 2
+DISCOVERY_MIN_REQUESTS = 5  # the gateway's setting here (default 20): the candidate appears within the test
 QUERIES = ("make a dir", "count lines in a.txt", "print the date", "show the biggest order", "list big files")
 ROUNDS = 6
 ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than the context (400)
@@ -48,12 +70,16 @@ ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than t
 # rate() sees the second), then has its adapter, answered three times a round: 2 of 14 fall back, under the alert.
 SORT_ADAPTER_FROM = 2
 SORT_PER_ADAPTER_ROUND = 3
-SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS, ("none", "passthrough"): ROUNDS,
+SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS,
+        ("none", "passthrough"): ROUNDS + REVIEWS_PER_ROUND * ROUNDS,
         ("sort", "fallback"): SORT_ADAPTER_FROM,
-        ("sort", "adapter"): SORT_PER_ADAPTER_ROUND * (ROUNDS - SORT_ADAPTER_FROM)}
+        ("sort", "adapter"): SORT_PER_ADAPTER_ROUND * (ROUNDS - SORT_ADAPTER_FROM),
+        ("guarded", "adapter"): GUARD_WINDOW}
+PROMPTS = ("shell", "sql", "sort", "guarded", "none")
 RATE_INTERVAL = "1m"  # `$__rate_interval` for the checks: wide enough to hold all of the test's traffic
-# Alerts are conditions: empty while healthy. Only vLLM's fires here, since there is no vLLM.
-ALERTS_FIRING = {"PromptInternVllmDown"}
+# Alerts are conditions: empty while healthy. vLLM's holds here, since there is no vLLM, and the guard's two,
+# since prompt `guarded` agrees with its teacher less than 80% and was rolled back.
+ALERTS_FIRING = {"PromptInternVllmDown", "PromptInternAdapterRolledBack", "PromptInternShadowAgreementLow"}
 # Its numerator counts 5xx errors only; with none sent it has no series (the test sends 4xx only).
 EMPTY_WITHOUT_SERVER_ERRORS = {"promptintern:request_errors:ratio_rate5m"}
 
@@ -70,6 +96,8 @@ class Observed:
     original: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)
     saved: Counter[str] = field(default_factory=Counter)
+    rejected: dict[str, Any] = field(default_factory=dict)  # prompt `guarded`'s version the guard rolled back
+    candidate: dict[str, Any] = field(default_factory=dict)  # the review prompt, as GET /v1/prompts/candidates said
 
 
 def _chat(server: LiveServer, messages: list[dict[str, str]], model: str = BASE) -> httpx.Response:
@@ -113,11 +141,35 @@ def _send_traffic(seen: Observed, sort_adapter: Path) -> None:
             _answered(seen, _chat(server, _fill(SHELL, QUERIES[(2 * r + i) % len(QUERIES)])), "shell", "adapter")
         _answered(seen, _chat(server, _fill(SQL, QUERIES[r % len(QUERIES)])), "sql", "fallback")
         _answered(seen, _chat(server, [{"role": "user", "content": f"hello {r}"}]), "none", "passthrough")
+        if r == GUARDED_ROUND:
+            for i in range(GUARD_WINDOW):
+                _answered(seen, _chat(server, _fill(GUARDED, QUERIES[i])), "guarded", "adapter")
+        for i in range(REVIEWS_PER_ROUND):
+            review = REVIEWS[(REVIEWS_PER_ROUND * r + i) % len(REVIEWS)]
+            _answered(seen, _chat(server, _fill(REVIEW, review)), "none", "passthrough")
         if r in ERROR_ROUNDS:
             _failed(seen, _chat(server, [{"role": "user", "content": "hi"}], model="gpt-5"), "none", 404)
             too_long = [{"role": "user", "content": "word " * 2000}]  # the tiny model's context is 512
             _failed(seen, _chat(server, too_long), "passthrough", 400)
         time.sleep(0.5)  # spread over several scrapes, so that the rates have a shape
+    with server.admin() as admin:
+        # The shadow checks run after the answers, in the background: the guard rejects v1, the fallback takes over.
+        body = _wait_for(lambda: (b := admin.get("/v1/prompts/guarded").json())["active_version"] is None and b,
+                         "the shadow guard rolling prompt `guarded` back")
+        [seen.rejected] = body["versions"]
+        # Mined in the background too; a listing flushes this replica's findings and sets the candidate gauges.
+        seen.candidate = _wait_for(lambda: next((c for c in admin.get("/v1/prompts/candidates").json()["data"]
+                                                 if c["template"][0]["content"] == REVIEW[0]["content"]), None),
+                                   "discovery finding the review prompt")
+
+
+def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+    """The condition's value once truthy (background work: shadow checks, mining); fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +182,19 @@ def observed(tiny_model_path: Path, module_tmp: Path, deploy: DeployFiles) -> It
     require_prometheus()
     adapter = random_lora(tiny_model_path, module_tmp / "data" / "import" / "shell-lora", seed=21, scale=20.0)
     sort_adapter = random_lora(tiny_model_path, module_tmp / "data" / "import" / "sort-lora", seed=22, scale=20.0)
-    with LiveServer(gateway_settings(module_tmp, tiny_model_path)) as server:
+    # Random weights answer unlike the base model with the full prompt: every shadow check disagrees.
+    guarded = random_lora(tiny_model_path, module_tmp / "data" / "import" / "guarded-lora", seed=23, scale=20.0)
+    settings = gateway_settings(module_tmp, tiny_model_path, discovery_min_requests=DISCOVERY_MIN_REQUESTS,
+                                discovery_flush_seconds=0.5)
+    with LiveServer(settings) as server:
         with server.admin() as admin:
             r = admin.post("/v1/prompts", json={"name": "shell", "messages": SHELL, "adapter_path": str(adapter)})
             assert r.status_code == 201 and r.json()["status"] == "ready", r.text
             assert admin.post("/v1/prompts", json={"name": "sql", "messages": SQL}).status_code == 201
             assert admin.post("/v1/prompts", json={"name": "sort", "messages": SORT}).status_code == 201
+            r = admin.post("/v1/prompts", json={"name": "guarded", "messages": GUARDED, "adapter_path": str(guarded)})
+            assert r.status_code == 201 and r.json()["status"] == "ready", r.text
+            assert admin.patch("/v1/prompts/guarded", json={"guard": GUARD}).status_code == 200
         target = server.url.removeprefix("http://")
         with prom.start_prometheus(module_tmp, [target], "1s", deploy=deploy) as prometheus:
             prom.wait_for_scrapes(prometheus.url, 2, job=prom.GATEWAY_JOB)
@@ -219,8 +278,8 @@ def test_counters_equal_what_the_responses_said(observed: Observed) -> None:
         ("none", "404"): len(ERROR_ROUNDS), ("passthrough", "400"): len(ERROR_ROUNDS)}
     for metric, expected in (("original", observed.original), ("sent", observed.sent), ("saved", observed.saved)):
         got = _by(url, f"promptintern_{metric}_prompt_tokens_total", "prompt")
-        # `other` (prompts past METRICS_MAX_PROMPTS) is always exported, at 0 here: two prompts are far below it.
-        assert got == {**{(p,): float(expected[p]) for p in ("shell", "sql", "sort", "none")}, ("other",): 0.0}, metric
+        # `other` (prompts past METRICS_MAX_PROMPTS) is always exported, at 0 here: four prompts are far below it.
+        assert got == {**{(p,): float(expected[p]) for p in PROMPTS}, ("other",): 0.0}, metric
     assert observed.saved["shell"] > 0 and observed.saved["sql"] == observed.saved["none"] == 0
     cost = _by(url, "promptintern_saved_cost_usd_total", "prompt")
     assert cost[("shell",)] == pytest.approx(observed.saved["shell"] / 1000 * price, rel=1e-9)
@@ -240,8 +299,65 @@ def test_recording_rules_equal_what_the_responses_said(observed: Observed) -> No
     tokens = _by(url, "promptintern:saved_prompt_tokens:rate5m", "prompt")[("shell",)]
     assert per_hour == pytest.approx(tokens / 1000 * price * 3600, rel=1e-6)
     rates = _by(url, "promptintern:requests:rate5m", "prompt", "route")
-    assert rates[("shell", "adapter")] / rates[("none", "passthrough")] == pytest.approx(2.0, rel=1e-9)
-    assert rates[("sql", "fallback")] / rates[("none", "passthrough")] == pytest.approx(1.0, rel=1e-9)
+    passthrough = SENT[("none", "passthrough")]
+    for key in (("shell", "adapter"), ("sql", "fallback"), ("guarded", "adapter")):
+        assert rates[key] / rates[("none", "passthrough")] == pytest.approx(SENT[key] / passthrough, rel=1e-9)
+
+
+def _alert_states(url: str) -> dict[str, str]:
+    return {item["metric"]["alertname"]: item["metric"]["alertstate"]
+            for item in prom.query(url, 'ALERTS{alertname=~"PromptIntern.*"}')}
+
+
+def test_the_shadow_guard_panels_and_alerts_show_the_rollback(observed: Observed, deploy: DeployFiles) -> None:
+    url, window = observed.prometheus_url, GUARD_WINDOW
+    rejected = observed.rejected
+    assert rejected["status"] == "rejected" and "shadow guard" in rejected["reason"]
+    # Every guarded answer was shadowed, and none agreed well enough (the window's mean fell below 0.5).
+    shadowed = _by(url, "sum by (prompt, agree) (promptintern_shadow_requests_total)", "prompt", "agree")
+    assert shadowed[("guarded", "true")] + shadowed[("guarded", "false")] == window
+    assert shadowed[("guarded", "false")] >= 1
+    assert {k: v for k, v in shadowed.items() if k[0] != "guarded"} == {
+        (p, agree): 0.0 for p in (*PROMPTS, "other") if p != "guarded" for agree in ("true", "false")}
+    assert _by(url, "sum by (prompt) (promptintern_rollbacks_total)", "prompt")[("guarded",)] == 1
+    assert _by(url, "sum(promptintern_shadow_dropped_total)")[()] == 0
+    agreement = _by(url, "min by (prompt) (promptintern_shadow_agreement)", "prompt")
+    assert set(agreement) == {("guarded",)} and agreement[("guarded",)] < GUARD["min_agreement"]
+    ratio = _settled(url, 'promptintern:shadow_agreement:ratio_rate5m{prompt="guarded"}',
+                     shadowed[("guarded", "true")] / window)
+    assert ratio == pytest.approx(shadowed[("guarded", "true")] / window, rel=1e-9)
+    # The row's panels, with the Prompt selector on the prompt.
+    panels = [e for e in prom.dashboard_expressions(deploy.dashboard, {"__rate_interval": RATE_INTERVAL,
+                                                                       "__range": "5m", "prompt": "guarded"})
+              if "shadow_" in e or "rollbacks" in e]
+    assert len(panels) == 4 and all(prom.query(url, e) for e in panels)
+    # The rollback alert fires at once (no `for`), naming the prompt; low agreement waits out its 10 minutes.
+    states: dict[str, str] = {}
+    for _ in range(40):
+        if (states := _alert_states(url)).get("PromptInternAdapterRolledBack") == "firing":
+            break
+        time.sleep(0.25)
+    assert states["PromptInternAdapterRolledBack"] == "firing"
+    assert states["PromptInternShadowAgreementLow"] == "pending"
+    [alert] = prom.query(url, 'ALERTS{alertname="PromptInternAdapterRolledBack"}')
+    assert alert["metric"]["prompt"] == "guarded" and alert["metric"]["severity"] == "warning"
+
+
+def test_the_candidates_table_shows_what_discovery_found(observed: Observed, deploy: DeployFiles) -> None:
+    url, found = observed.prometheus_url, observed.candidate
+    assert found["requests"] == REVIEWS_PER_ROUND * ROUNDS >= DISCOVERY_MIN_REQUESTS
+    assert found["projected_saved_tokens"] > 0
+    [table] = [p for p in json.loads(deploy.dashboard.read_text())["panels"]
+               if p["title"] == "Prompt candidates (discovery)"]
+    assert table["type"] == "table"
+    columns: dict[str, float] = {}
+    for target in table["targets"]:
+        expr = prom.substitute(target["expr"], {}, ".+")
+        [row] = [r for r in prom.query(url, expr) if r["metric"].get("candidate") == found["id"]]
+        assert row["metric"] == {"candidate": found["id"], "tenant": "none", "kind": "chat"}
+        columns[target["refId"]] = float(row["value"][1])
+    assert columns == {"A": found["requests"], "B": found["projected_saved_tokens_per_1k_requests"],
+                       "C": found["projected_saved_tokens"], "D": pytest.approx(found["projected_saved_usd"])}
 
 
 def _check_png(path: Path) -> Any:

@@ -643,6 +643,47 @@ def test_recording_rules_and_alerts_behave(tmp_path: Path) -> None:
                     {"eval_time": "15m", "alertname": "PromptInternGatewayDown", "exp_alerts": []},
                 ],
             },
+            {
+                # The shadow guard: p1 is shadowed throughout (3 of 4 answers agree), its agreement drops to 0.5
+                # at 10 minutes (g2's window stays high: the lowest counts) and it is rolled back at 20 minutes;
+                # p2 agrees little but stops being shadowed at 5 minutes.
+                "interval": "1m",
+                "input_series": [
+                    *healthy,
+                    _series("promptintern_shadow_requests_total", "0+3x40", prompt="p1", agree="true"),
+                    _series("promptintern_shadow_requests_total", "0+1x40", prompt="p1", agree="false"),
+                    _series("promptintern_shadow_requests_total", "0+1x5 5x35", prompt="p2", agree="false"),
+                    _series("promptintern_shadow_agreement", "0.9x10 0.5x30", prompt="p1"),
+                    _series("promptintern_shadow_agreement", "0.95x40", prompt="p1", instance="g2"),
+                    _series("promptintern_shadow_agreement", "0.3x40", prompt="p2"),
+                    _series("promptintern_rollbacks_total", "0x20 1x20", prompt="p1"),
+                    _series("promptintern_rollbacks_total", "0x40", prompt="p2"),
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "promptintern:shadow_agreement:ratio_rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'promptintern:shadow_agreement:ratio_rate5m{prompt="p1"}', "value": 0.75},
+                        ],
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "19m", "alertname": "PromptInternAdapterRolledBack", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "PromptInternAdapterRolledBack",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "prompt": "p1"}}],
+                    },
+                    {"eval_time": "38m", "alertname": "PromptInternAdapterRolledBack", "exp_alerts": []},
+                    {"eval_time": "15m", "alertname": "PromptInternShadowAgreementLow", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "PromptInternShadowAgreementLow",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "prompt": "p1"}}],
+                    },
+                ],
+            },
         ],
     }
     test_file = tmp_path / "rules_test.yml"
@@ -751,6 +792,11 @@ def test_dashboard_prompt_variable_and_queries(dashboard: dict[str, Any]) -> Non
         "promptintern_time_to_first_token_seconds_bucket",
         "promptintern_detection_duration_seconds_bucket",
         "promptintern_adapters",
+        "promptintern_shadow_agreement",
+        "promptintern_shadow_requests_total",
+        "promptintern_rollbacks_total",
+        "promptintern_discovery_projected_saved_tokens",
+        "promptintern_discovery_candidate_requests",
         "vllm:num_requests_running",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
@@ -763,7 +809,7 @@ def test_dashboard_prompt_variable_and_queries(dashboard: dict[str, Any]) -> Non
 
 def test_dashboard_and_rules_aggregate_over_replicas(dashboard: dict[str, Any]) -> None:
     """Each replica is a target of its own: every gateway query aggregates its series away (sums the
-    traffic counters; takes the max of the registry's adapter gauge, which every replica reports)."""
+    traffic counters; takes the max of the registry's adapter and candidate gauges, which every replica reports)."""
     rule_exprs = [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     exprs = [e for e in _exprs(dashboard) + rule_exprs if "promptintern_" in e]
     assert exprs
@@ -771,9 +817,13 @@ def test_dashboard_and_rules_aggregate_over_replicas(dashboard: dict[str, Any]) 
         for match in re.finditer(r"\bpromptintern_[a-z0-9_]+", expr):
             aggregations = _open_aggregations(expr[: match.start()])
             assert aggregations, f"{match.group()} is not aggregated over replicas: {expr}"
-            if match.group() == "promptintern_adapters":
+            if match.group() == "promptintern_adapters" or match.group().startswith(REGISTRY_DISCOVERY):
                 assert aggregations[-1] in ("max", "min"), f"every replica reports the registry: {expr}"
         assert "instance" not in expr, expr
+
+
+# Discovery's candidate gauges: every replica reports the registry's candidates, counted over all replicas.
+REGISTRY_DISCOVERY = ("promptintern_discovery_projected_", "promptintern_discovery_candidate")
 
 
 def _open_aggregations(before: str) -> list[str]:

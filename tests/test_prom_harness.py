@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from benchmarks import prometheus as harness
 from benchmarks.deploy import DeployFiles
 from benchmarks.errors import BenchInputError
+from gateway.discovery.protocol import CandidateOut
 from gateway.local_server import free_port
 from tests import prom_harness
 
@@ -101,6 +103,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, deploy: DeployFiles) -> Iter
     metrics.time_per_output_token.labels(prompt="p1", route="adapter")
     metrics.time_per_output_token.labels(prompt="none", route="passthrough")
     metrics.decode_tokens.labels(prompt="p1", route="adapter")
+    metrics.track_prompt("p1")  # the shadow guard's counters, at 0 like every registered prompt's
     port = free_port()
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     try:
@@ -165,7 +168,16 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
         metrics.time_per_output_token.labels(prompt="none", route="passthrough").observe(0.03)
         metrics.decode_tokens.labels(prompt="p1", route="adapter").inc(3 * 9)  # 9 tokens after the first each
         metrics.detection_duration.observe(2e-5)
+        metrics.shadow_requests.labels(prompt="p1", agree="true").inc(1)
+        metrics.shadow_requests.labels(prompt="p1", agree="false").inc(3)
+    metrics.shadow_agreement.labels(prompt="p1").set(0.25)
+    metrics.rollbacks.labels(prompt="p1").inc()
     metrics.set_adapter_counts({"ready": 2, "failed": 1})
+    metrics.show_candidates([CandidateOut(
+        id="c1", tenant=None, kind="chat", template=[{"role": "user", "content": "Review: {value}"}],
+        slots=["value"], requests=40, mean_prompt_tokens=50.0, static_tokens=45, static_share=0.9,
+        projected_saved_tokens_per_1k_requests=40_000, projected_saved_tokens=1600, projected_saved_usd=0.00024,
+        examples=[], first_seen=datetime.now(UTC), last_seen=datetime.now(UTC))])
     done = harness.wait_for_scrapes(url, 1, job=harness.GATEWAY_JOB)
     harness.wait_for_scrapes(url, done + 2, job=harness.GATEWAY_JOB)
 
@@ -177,6 +189,9 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
     # Prefill saved (1.0 s - 0.1 s to the first token) minus decode overhead ((0.05 - 0.03) s x 9 tokens).
     net = 'promptintern:net_seconds_saved_per_request:mean5m{prompt="p1"}'
     assert _settled(url, net, 0.9 - 0.02 * 9) == pytest.approx(0.72)
+    # 1 in 4 shadowed answers agreed with the teacher.
+    shadow = 'promptintern:shadow_agreement:ratio_rate5m{prompt="p1"}'
+    assert _settled(url, shadow, 0.25) == pytest.approx(0.25)
 
     # The dashboard's per-prompt share of tokens removed, with $prompt set to the prompt.
     [share] = [
@@ -190,9 +205,15 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
     exprs = harness.dashboard_expressions(deploy.dashboard)
     empty = [e for e in exprs if "vllm:" not in e and not harness.query(url, e)]
     assert empty == []
+    # The candidates table: per 1,000 requests is the total over the requests seen.
+    [per_1k] = [e for e in exprs if e.startswith("1000 * ") and "discovery_projected_saved_tokens" in e]
+    [row] = harness.query(url, per_1k)
+    assert row["metric"] == {"candidate": "c1", "tenant": "none", "kind": "chat"}
+    assert float(row["value"][1]) == 40_000
 
     # The alerts' conditions hold; each still waits out its `for` (pending).
-    wanted = {"PromptInternAdapterFallbackHigh", "PromptInternErrorRateHigh", "PromptInternAdaptersFailed"}
+    wanted = {"PromptInternAdapterFallbackHigh", "PromptInternErrorRateHigh", "PromptInternAdaptersFailed",
+              "PromptInternShadowAgreementLow", "PromptInternAdapterRolledBack"}
     pending: set[str] = set()
     for _ in range(40):
         pending = {item["metric"]["alertname"] for item in harness.query(url, 'ALERTS{alertname=~"PromptIntern.*"}')}
@@ -201,3 +222,8 @@ def test_rules_and_dashboard_compute_savings_from_gateway_metrics(stack: Stack, 
         time.sleep(0.25)
     assert pending >= wanted
     assert "PromptInternGatewayDown" not in pending
+    # A rollback fires at once (no `for`); the rest wait.
+    states = {item["metric"]["alertname"]: item["metric"]["alertstate"]
+              for item in harness.query(url, 'ALERTS{alertname=~"PromptIntern.*"}')}
+    assert states["PromptInternAdapterRolledBack"] == "firing"
+    assert states["PromptInternShadowAgreementLow"] == "pending"

@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 
 from core.config import Settings
 from core.templates import CHAT_ROLES, SLOT_NAME, MessageTemplate, PromptTemplate, Slot, TemplateError, parse_template
-from gateway.discovery.metrics import DiscoveryMetrics
 from gateway.discovery.miner import Observation, PromptMiner, Summary
 from gateway.discovery.protocol import CandidateOut, RegisterCandidate
 from gateway.errors import NotFound, Unprocessable
+from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
 from gateway.prompts.protocol import RegisterPrompt, TemplateMessage
 from gateway.prompts.service import PromptService
@@ -62,7 +62,7 @@ def _utc(epoch: float) -> datetime:
 
 class PromptDiscovery:
     def __init__(self, settings: Settings, registry: PromptRegistry, counter: TokenCounter,
-                 metrics: DiscoveryMetrics, replica: str | None = None,
+                 metrics: GatewayMetrics, replica: str | None = None,
                  draw: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.registry = registry
@@ -110,7 +110,7 @@ class PromptDiscovery:
         try:
             self._queue.put_nowait((Observation(plan.tenant, kind, roles, texts, time.time()), fingerprint))
         except asyncio.QueueFull:
-            self.metrics.dropped.inc()
+            self.metrics.discovery_dropped.inc()
 
     # -- background -------------------------------------------------------------------------------------------------
 
@@ -138,8 +138,8 @@ class PromptDiscovery:
             for obs, fingerprint in batch:
                 self.miner.observe(obs, fingerprint)
             clusters = len(self.miner)
-        self.metrics.observed.inc(len(batch))
-        self.metrics.clusters.set(clusters)
+        self.metrics.discovery_observed.inc(len(batch))
+        self.metrics.discovery_clusters.set(clusters)
 
     async def mined(self) -> None:
         """Wait until every request queued so far has been mined (tests, benchmarks)."""
@@ -179,7 +179,7 @@ class PromptDiscovery:
         await self.flush()
         found = await asyncio.to_thread(self.registry.discovered)
         ranked = await asyncio.to_thread(self._rank, found)
-        self.metrics.show(ranked)
+        self.metrics.show_candidates(ranked)
         return [c for c in ranked if tenant is None or c.tenant == tenant]
 
     def _rank(self, found: list[DiscoveredPrompt]) -> list[CandidateOut]:
