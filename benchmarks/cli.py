@@ -167,6 +167,7 @@ def _add_traffic(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--steps-per-stage", type=count, nargs="+", default=None,
                    help="override the schedule's steps per stage (a quick look; not the preset's quality)")
     p.add_argument("--no-shadow", action="store_true", help="skip the shadow guard latency measurement")
+    p.add_argument("--max-tokens", type=count, default=64, help="answer tokens asked for, greedy (default 64)")
     p.add_argument("--no-kl", action="store_true",
                    help="skip the third adapter (the recorded rows with the kl objective; base-model teacher only)")
     p.add_argument("--out", type=Path, default=Path("docs/traffic"),
@@ -179,7 +180,8 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
     run(Settings(), TrafficOptions(train_rows=args.train_rows, test_rows=args.test_rows, schedule=args.schedule,
                                    teacher_adapter=args.teacher_adapter, out=args.out, shadow=not args.no_shadow,
-                                   kl=not args.no_kl, steps_per_stage=args.steps_per_stage))
+                                   kl=not args.no_kl, steps_per_stage=args.steps_per_stage,
+                                   max_tokens=args.max_tokens))
     return 0
 
 

@@ -44,7 +44,7 @@ from core.config import Settings
 from gateway.local_server import LocalGateway, free_port
 
 UPSTREAM_MODEL = "gpt-4o-mini"
-MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class TrafficOptions:
     out: Path = Path("docs/traffic")
     shadow: bool = True
     kl: bool = True  # with the base model as the teacher, also train with the kl objective
+    max_tokens: int = DEFAULT_MAX_TOKENS  # answer tokens asked for (greedy)
     steps_per_stage: list[int] | None = None  # overrides the preset's (a quick look)
 
 
@@ -68,8 +69,9 @@ class Clock:
         print(f"[bench traffic {seconds // 60:3d}:{seconds % 60:02d}] {text}", flush=True)
 
 
-def _chat(url: str, messages: list[dict[str, str]], model: str = UPSTREAM_MODEL, **fields: Any) -> httpx.Response:
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS, **fields}
+def _chat(url: str, messages: list[dict[str, str]], max_tokens: int, model: str = UPSTREAM_MODEL,
+          **fields: Any) -> httpx.Response:
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, **fields}
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
     if response.status_code != 200:
         raise BenchInputError(f"{url} answered {response.status_code}: {response.text[:500]}")
@@ -159,7 +161,8 @@ def run(settings: Settings, options: TrafficOptions) -> dict[str, Any]:
             result = _measure(front, admin, upstream.url, example, train, test, options, clock, teacher_name)
     result["settings"] = {"schedule": options.schedule, "steps_per_stage": options.steps_per_stage,
                           "train_rows": len(train), "test_rows": len(test),
-                          "max_tokens": MAX_TOKENS, "decoding": "greedy (temperature 0)", "teacher": teacher_name,
+                          "max_tokens": options.max_tokens, "decoding": "greedy (temperature 0)",
+                          "teacher": teacher_name,
                           "base_model": settings.served_model_name}
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     result["date"] = dt.date.today().isoformat()
@@ -204,7 +207,7 @@ def _measure(front: LocalGateway, admin: httpx.Client, upstream_url: str, exampl
     calls_before = _upstream_calls(front)
     started = time.monotonic()
     for i, row in enumerate(train, 1):
-        response = _chat(front.url, _full(example, row["query"]))
+        response = _chat(front.url, _full(example, row["query"]), options.max_tokens)
         if response.headers.get("x-promptintern-route") != "fallback":
             raise BenchInputError(f"expected the fallback route, got {response.headers.get('x-promptintern-route')}")
         billed.append(int(response.json()["usage"]["prompt_tokens"]))
@@ -264,23 +267,24 @@ def _measure(front: LocalGateway, admin: httpx.Client, upstream_url: str, exampl
     local_tokens: list[int] = []
     calls_before = _upstream_calls(front)
     for row in test:
-        response = _chat(front.url, _full(example, row["query"]))
+        response = _chat(front.url, _full(example, row["query"]), options.max_tokens)
         routes.append(response.headers.get("x-promptintern-route", ""))
         served.append(_text(response))
         local_tokens.append(int(response.json()["usage"]["prompt_tokens"]))
     calls_after = _upstream_calls(front) - calls_before
     clock.say(f"after: {len(test)} test requests, routes {sorted(set(routes))}, {calls_after:.0f} upstream calls")
-    teacher = [_text(_upstream_direct(upstream_url, example, row["query"])) for row in test]
+    teacher = [_text(_upstream_direct(upstream_url, example, row["query"], options.max_tokens)) for row in test]
     gold_version = gold_body.get("active_version")
-    gold_answers = [_text(_chat(front.url, [{"role": "user", "content": row["query"]}],
+    gold_answers = [_text(_chat(front.url, [{"role": "user", "content": row["query"]}], options.max_tokens,
                                 model=f"{gold_name}@v{gold_version}")) for row in test] if gold_version else []
     kl_version = kl_body.get("active_version")
-    kl_answers = [_text(_chat(front.url, [{"role": "user", "content": row["query"]}],
+    kl_answers = [_text(_chat(front.url, [{"role": "user", "content": row["query"]}], options.max_tokens,
                               model=f"{kl_name}@v{kl_version}")) for row in test] if kl_version else []
     clock.say("scored the teacher, the traffic-trained and the gold-trained adapters on the test queries")
 
-    shadow = _shadow_latency(front, admin, example, test, clock) if options.shadow and routes and all(
-        r == "adapter" for r in routes) else None
+    all_local = bool(routes) and all(r == "adapter" for r in routes)
+    shadow = _shadow_latency(front, admin, example, test, clock, options.max_tokens) if options.shadow and all_local \
+        else None
     traffic_version = traffic_body["versions"][-1] if traffic_body.get("versions") else {}
     conditions = {
         "teacher (upstream, full prompt)": _score(teacher, test, None),
@@ -315,8 +319,8 @@ def _measure(front: LocalGateway, admin: httpx.Client, upstream_url: str, exampl
     }
 
 
-def _upstream_direct(upstream_url: str, example: Any, query: str) -> httpx.Response:
-    body = {"model": UPSTREAM_MODEL, "messages": _full(example, query), "temperature": 0, "max_tokens": MAX_TOKENS}
+def _upstream_direct(upstream_url: str, example: Any, query: str, max_tokens: int) -> httpx.Response:
+    body = {"model": UPSTREAM_MODEL, "messages": _full(example, query), "temperature": 0, "max_tokens": max_tokens}
     response = httpx.post(f"{upstream_url}/v1/chat/completions", json=body, timeout=600,
                           headers={"Authorization": "Bearer upstream-key"})
     if response.status_code != 200:
@@ -325,7 +329,7 @@ def _upstream_direct(upstream_url: str, example: Any, query: str) -> httpx.Respo
 
 
 def _shadow_latency(front: LocalGateway, admin: httpx.Client, example: Any, test: list[dict[str, Any]],
-                    clock: Clock) -> dict[str, Any]:
+                    clock: Clock, max_tokens: int) -> dict[str, Any]:
     """The adapter route's latency with the guard off and on (every answer shadowed), interleaved per query."""
     off: list[float] = []
     on: list[float] = []
@@ -335,7 +339,7 @@ def _shadow_latency(front: LocalGateway, admin: httpx.Client, example: Any, test
         for shadowed in order:
             admin.patch(f"/v1/prompts/{example.name}", json={"guard": guard if shadowed else None}).raise_for_status()
             started = time.perf_counter()
-            _chat(front.url, _full(example, row["query"]))
+            _chat(front.url, _full(example, row["query"]), max_tokens)
             (on if shadowed else off).append(time.perf_counter() - started)
     admin.patch(f"/v1/prompts/{example.name}", json={"guard": None}).raise_for_status()
     shadow = front.app.state.shadow
