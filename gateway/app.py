@@ -27,6 +27,7 @@ from core.config import Settings
 from gateway import __version__
 from gateway.engines.base import Engine
 from gateway.engines.inflight import AdapterUse
+from gateway.engines.merged import MergedRoutes
 from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
@@ -35,6 +36,7 @@ from gateway.openai_api.planning import Planner
 from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
 from gateway.prompts.follower import RegistryFollower
+from gateway.prompts.merged import MergedServing
 from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
@@ -215,6 +217,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         registry = await asyncio.to_thread(lambda: PromptRegistry(settings.resolved_database_url))
         store = await asyncio.to_thread(AdapterStore, settings.adapter_dir)
         the_engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        routes = MergedRoutes(the_engine, settings) if settings.engine == "vllm" else None
+        if routes is not None:  # prompts served merged: their own vLLM, else this one (LoRA)
+            the_engine = routes
         await the_engine.start()
         counter = await asyncio.to_thread(TokenCounter.from_model_dir, model_dir)
         upstream = None if settings.upstream_url is None else await asyncio.to_thread(UpstreamClient, settings)
@@ -230,7 +235,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         runner = JobRunner(settings, registry, store, model_dir, activate=activate_trained,
                            versions_changed=versions_changed, share_cores=getattr(the_engine, "share_cores", None))
         in_flight = AdapterUse()
-        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight)
+
+        def adapter_of(name: str) -> str | None:
+            entry = prompts.routable(name)
+            return entry.adapter if entry is not None else None
+
+        merged = None if routes is None else MergedServing(settings, registry, store, routes, model_dir, in_flight,
+                                                           adapter_of)
+        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight,
+                                merged=lambda: merged)
         follower = RegistryFollower(registry, prompts.follow, settings.registry_poll_seconds)
         app.state.settings = settings
         app.state.metrics = metrics
@@ -249,11 +262,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await follower.start()
         await recorder.start()
         await runner.start()
+        if merged is not None:
+            await merged.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
         finally:
             await follower.close()
+            if merged is not None:
+                await merged.close()
             await recorder.close()
             await runner.close()
             await prompts.close()

@@ -67,12 +67,34 @@ class RecordOut(BaseModel):
     max_rows: int
 
 
+class ServingSetting(BaseModel):
+    """How a prompt's active version is served: `lora` (its adapter on the shared engine, the default) or `merged`
+    (its adapter merged into the base weights, on an engine of its own: no LoRA cost per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["lora", "merged"] = Field("lora", description="`merged` needs PROMPTINTERN_ENGINE=vllm.")
+    url: str | None = Field(
+        None, max_length=2048,
+        description="`merged` only: the base URL of a merged engine run elsewhere (a cluster), which must serve the "
+                    "model id `<prompt>@v<N>`; null: a replica starts one itself (MERGED_PORTS, MAX_MERGED_ENGINES).")
+
+
+class ServingOut(BaseModel):
+    requested: Literal["lora", "merged"]
+    current: Literal["lora", "merged"] = Field(
+        description="What answers now: `lora` until the merged engine answers for the active version.")
+    url: str | None = Field(description="The merged engine's URL when run elsewhere; null: started by a replica.")
+    error: str | None = Field(description="Why the prompt is not served merged yet, when it was asked to be.")
+
+
 class PatchPrompt(BaseModel):
     """A JSON merge patch of a prompt's settings: a field present replaces the setting, `null` turns it off."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"record": {"rate": 0.1}}]})
 
     record: RecordSetting | None = Field(None, description="Record this share of fallback answers; null: stop.")
+    serving: ServingSetting | None = Field(None, description="Serve the active version merged or by LoRA; null: LoRA.")
 
 
 class TrafficList(BaseModel):
@@ -137,7 +159,7 @@ class AddAdapter(BaseModel):
 
 class VersionOut(BaseModel):
     version: int
-    status: Literal["training", "loading", "ready", "failed"]
+    status: Literal["training", "loading", "ready", "failed", "rejected"]
     source: str
     created: datetime
     manifest: dict[str, Any] | None = None
@@ -169,6 +191,7 @@ class PromptOut(BaseModel):
     versions: list[VersionOut]
     job: JobOut | None = None
     record: RecordOut | None = Field(None, description="Recording of fallback answers; null: off.")
+    serving: ServingOut = Field(description="LoRA or merged: asked for, and answering now.")
     created: datetime
 
 
