@@ -139,6 +139,18 @@ def cmd_discovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crossover(args: argparse.Namespace) -> int:
+    from benchmarks import crossover
+
+    if args.rebuild:
+        crossover.rebuild(args.out)
+        return 0
+    crossover.run(Settings(), crossover.CrossoverOptions(quick=args.quick, requests=args.requests,
+                                                         lengths=tuple(args.lengths), fast_start=args.fast_start,
+                                                         out=args.out))
+    return 0
+
+
 def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`bench` and its targets on `commands` (the `promptintern` parser's subcommands)."""
     bench = commands.add_parser("bench", help="benchmarks that print figures (the [bench] extra)",
@@ -153,6 +165,7 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_paper(targets)
     _add_discovery(targets)
     _add_traffic(targets)
+    _add_crossover(targets)
 
 
 def _add_traffic(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -304,3 +317,25 @@ def _add_paper(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--rebuild", action="store_true",
                    help="re-render report.md, plots and readme_section.md from --out's paper.json")
     p.set_defaults(func=_guarded(cmd_paper, plots=True))
+
+
+def _add_crossover(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from benchmarks.crossover import DEFAULT_OUT, LENGTHS
+
+    p = targets.add_parser("crossover", help="from which prompt length internalising beats prefix caching (vLLM)",
+                           description="Full prompt (without and with prefix caching), adapter (LoRA), merged "
+                                       "adapter and bare query on the base model, at prompt lengths x concurrency "
+                                       "1 and 8, 32 answer tokens; then the adapter route through the gateway "
+                                       "(LoRA and merged) at a ~2,000-token prompt. Writes crossover.json, "
+                                       "crossover.png and readme_section.md.")
+    p.add_argument("--quick", action="store_true",
+                   help="2 requests per cell at concurrency 1 and 8 at concurrency 8; the full prompt without "
+                        "caching at concurrency 8 only up to 1,000 tokens")
+    p.add_argument("--requests", type=count, default=None, help="requests per cell at concurrency 1 (default 4)")
+    p.add_argument("--lengths", type=count, nargs="+", default=list(LENGTHS),
+                   help="recurring prompt lengths in tokens (default 250 500 1000 2000 4000)")
+    p.add_argument("--fast-start", action="store_true",
+                   help="vLLM engines in eager mode (start in about a minute, serve slower)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")
+    p.add_argument("--rebuild", action="store_true", help="re-render the plot and readme_section.md from --out's JSON")
+    p.set_defaults(func=_guarded(cmd_crossover, plots=True))

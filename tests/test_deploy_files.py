@@ -35,7 +35,7 @@ GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "promptintern-cost.json"
 DATASOURCE_UID = "promptintern-prometheus"
 VLLM_SERVICES = ("vllm", "vllm-cpu")
-ONE_SHOT = {"base-model"}
+ONE_SHOT = {"base-model", "merge-adapter"}
 # The gateway replicas and the training worker: one image, one registry, one adapter store.
 GATEWAY_IMAGE_SERVICES = ("gateway", "worker")
 REQUIRED_SECRET = re.compile(r"^\$\{(\w+):\?[^}]+\}$")
@@ -900,3 +900,31 @@ def test_compose_config_is_valid_for_both_profiles() -> None:
         result = subprocess.run([*command, "--profile", "cpu", "config", "--quiet"], capture_output=True, text=True,
                                 cwd=REPO, env={k: v for k, v in env.items() if k != variable}, timeout=60)
         assert f"required variable {variable} is missing" in result.stderr
+
+
+def test_merged_engine_serves_the_version_merged_under_the_id_the_gateway_checks(compose: dict[str, Any]) -> None:
+    from gateway.prompts.records import adapter_model_id
+
+    services = _services(compose)
+    merge, engine = services["merge-adapter"], services["vllm-merged"]
+    assert merge["profiles"] == engine["profiles"] == ["merged"]
+    assert merge["image"] == services["gateway"]["image"]
+    script = merge["command"][0]
+    env = {name: _interpolated_default(value) for name, value in _env(merge).items()}
+    adapter = re.search(r"--adapter (\S+)", script).group(1)  # type: ignore[union-attr]
+    adapter = adapter.replace("$${MERGED_PROMPT}", env["MERGED_PROMPT"]).replace("$${MERGED_VERSION}",
+                                                                                   env["MERGED_VERSION"])
+    adapter_dir = _env(services["gateway"])["PROMPTINTERN_ADAPTER_DIR"]
+    assert adapter == f"{adapter_dir}/{env['MERGED_PROMPT']}/v{env['MERGED_VERSION']}"  # the store's layout
+    assert dict(_volumes(merge))["adapters"] == adapter_dir
+    assert f"--base {_env(services['gateway'])['PROMPTINTERN_BASE_MODEL']}" in script
+    out = re.search(r"--out (\S+)", script).group(1)  # type: ignore[union-attr]
+    assert "python -m trainer.merge" in script and f"rm -rf {out}" in script
+    args = [str(a) for a in engine["command"]]
+    assert args[0] == out and dict(_volumes(engine))["merged"] == dict(_volumes(merge))["merged"]
+    served = args[args.index("--served-model-name") + 1]
+    assert _interpolated_default(served.split("@v")[0]) + "@v" + _interpolated_default(served.split("@v")[1]) == (
+        adapter_model_id(env["MERGED_PROMPT"], int(env["MERGED_VERSION"])))
+    assert "--enable-lora" not in args and args[args.index("--port") + 1] == "8000"
+    assert engine["depends_on"]["merge-adapter"]["condition"] == "service_completed_successfully"
+    assert "/health" in " ".join(engine["healthcheck"]["test"])

@@ -539,3 +539,24 @@ def test_promtool_accepts_the_scrape_config(manifests: list[tuple[str, dict[str,
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_merged_engine_serves_the_version_its_init_container_merges(
+        manifests: list[tuple[str, dict[str, Any]]]) -> None:
+    settings = _settings_data(manifests)
+    workload = _one(manifests, "Deployment", "vllm-merged")
+    [merge] = _pod_spec(workload)["initContainers"]
+    vllm = _container(workload, "vllm")
+    assert merge["command"] == ["python", "-m", "trainer.merge"]
+    merge_args = dict(zip(merge["args"][::2], merge["args"][1::2], strict=True))
+    assert merge_args["--base"] == settings["PROMPTINTERN_BASE_MODEL"]
+    assert merge_args["--adapter"] == settings["PROMPTINTERN_ADAPTER_DIR"] + "/$(MERGED_PROMPT)/v$(MERGED_VERSION)"
+    assert {k: v["value"] for k, v in _env(merge).items()} == {
+        k: v["value"] for k, v in _env(vllm).items() if k.startswith("MERGED_")}
+    args = [str(a) for a in vllm["args"]]
+    assert args[0] == merge_args["--out"]
+    assert args[args.index("--served-model-name") + 1] == "$(MERGED_PROMPT)@v$(MERGED_VERSION)"
+    assert "--enable-lora" not in args
+    assert _mounts(workload, merge)["/merged"][0] == _mounts(workload, vllm)["/merged"][0]
+    service = _one(manifests, "Service", "vllm-merged")
+    assert service["spec"]["ports"][0]["port"] == int(args[args.index("--port") + 1])

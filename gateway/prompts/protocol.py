@@ -88,6 +88,27 @@ class GuardSetting(BaseModel):
                                                          "or `chrf` / `bleu` (sentence score / 100) for long answers.")
 
 
+class ServingSetting(BaseModel):
+    """How a prompt's active version is served: `lora` (its adapter on the shared engine, the default) or `merged`
+    (its adapter merged into the base weights, on an engine of its own: no LoRA cost per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["lora", "merged"] = Field("lora", description="`merged` needs PROMPTINTERN_ENGINE=vllm.")
+    url: str | None = Field(
+        None, max_length=2048,
+        description="`merged` only: the base URL of a merged engine run elsewhere (a cluster), which must serve the "
+                    "model id `<prompt>@v<N>`; null: a replica starts one itself (MERGED_PORTS, MAX_MERGED_ENGINES).")
+
+
+class ServingOut(BaseModel):
+    requested: Literal["lora", "merged"]
+    current: Literal["lora", "merged"] = Field(
+        description="What answers now: `lora` until the merged engine answers for the active version.")
+    url: str | None = Field(description="The merged engine's URL when run elsewhere; null: started by a replica.")
+    error: str | None = Field(description="Why the prompt is not served merged yet, when it was asked to be.")
+
+
 class PatchPrompt(BaseModel):
     """A JSON merge patch of a prompt's settings: a field present replaces the setting, `null` turns it off."""
 
@@ -97,6 +118,7 @@ class PatchPrompt(BaseModel):
     record: RecordSetting | None = Field(None, description="Record this share of fallback answers; null: stop.")
     guard: GuardSetting | None = Field(None, description="Shadow-check this share of adapter answers and roll back "
                                                          "when they stop agreeing with the teacher; null: off.")
+    serving: ServingSetting | None = Field(None, description="Serve the active version merged or by LoRA; null: LoRA.")
 
 
 class TrafficList(BaseModel):
@@ -196,6 +218,7 @@ class PromptOut(BaseModel):
     job: JobOut | None = None
     record: RecordOut | None = Field(None, description="Recording of fallback answers; null: off.")
     guard: GuardSetting | None = Field(None, description="The shadow guard; null: off.")
+    serving: ServingOut = Field(description="LoRA or merged: asked for, and answering now.")
     created: datetime
 
 

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from core.adapter_store import AdapterStore
 from core.config import Settings
@@ -29,7 +30,16 @@ from gateway.prompts.imports import (
     read_import_jsonl,
     stage_adapter,
 )
-from gateway.prompts.protocol import PatchPrompt, PromptOut, RegisterPrompt, TrafficList, TrainSpec
+from gateway.prompts.merged import MergedServing
+from gateway.prompts.protocol import (
+    PatchPrompt,
+    PromptOut,
+    RegisterPrompt,
+    ServingOut,
+    ServingSetting,
+    TrafficList,
+    TrainSpec,
+)
 from gateway.prompts.records import (
     adapter_model_id,
     guard_out,
@@ -66,7 +76,7 @@ class PromptService:
 
     def __init__(self, settings: Settings, registry: PromptRegistry, store: AdapterStore, engine: Engine,
                  matcher: Matcher, counter: TokenCounter, metrics: GatewayMetrics, jobs: TrainingJobs,
-                 in_flight: AdapterUse) -> None:
+                 in_flight: AdapterUse, merged: Callable[[], MergedServing | None] = lambda: None) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -79,6 +89,7 @@ class PromptService:
         self.jobs = jobs
         self.in_flight = in_flight
         self._retiring: set[asyncio.Task[None]] = set()  # old versions draining before their unload
+        self._merged = merged  # merged serving (ENGINE=vllm only)
 
     # -- routing table (see gateway.prompts.routing) ------------------------------------------
 
@@ -178,6 +189,9 @@ class PromptService:
                     await self._follow_one(name)
             except Exception:  # one prompt's trouble must not stop the others from being followed
                 log.exception("could not follow the registry's change of prompt %s", name)
+        merged = self._merged()
+        if merged is not None:
+            merged.kick()
         await self.refresh_gauge()
 
     async def _follow_one(self, name: str) -> None:
@@ -475,6 +489,9 @@ class PromptService:
             record = await asyncio.to_thread(self.registry.delete, name)
             versions = [v.version for v in record.versions]
         await asyncio.to_thread(self.store.remove_prompt, name, versions)
+        merged = self._merged()
+        if merged is not None:
+            merged.kick()  # its merged engine stops (routing to it stopped above)
 
     # -- settings and recorded traffic ---------------------------------------------------------
 
@@ -486,10 +503,37 @@ class PromptService:
                 record = await asyncio.to_thread(self.registry.set_record, name, record_setting(body.record))
             if "guard" in body.model_fields_set:
                 record = await asyncio.to_thread(self.registry.set_guard, name, guard_setting(body.guard))
+            if "serving" in body.model_fields_set:
+                record = await asyncio.to_thread(self.registry.set_serving, name,
+                                                 await self._serving_setting(name, body.serving))
+                merged = self._merged()
+                if merged is not None:
+                    await merged.setting_changed(name)
             entry = self.routing.get(name)
             if entry is not None:  # this replica at once; the others through the change log
                 self._publish(replace(entry, **settings_fields(record.record, record.guard)), name)
         return record
+
+    async def _serving_setting(self, name: str, setting: ServingSetting | None) -> dict[str, Any] | None:
+        """A `serving` patch checked, as the registry keeps it (None: LoRA)."""
+        if setting is None or setting.mode == "lora":
+            if setting is not None and setting.url is not None:
+                raise Unprocessable("'url' names a merged engine: give it with \"mode\": \"merged\"",
+                                    param="serving.url", code="invalid_value")
+            return None
+        if self.settings.engine != "vllm":
+            raise Unprocessable("merged serving needs PROMPTINTERN_ENGINE=vllm (the embedded engine serves adapters "
+                                "only)", param="serving.mode", code="merged_needs_vllm")
+        if setting.url is not None:
+            return {"mode": "merged", "url": merged_engine_url(setting.url)}
+        others = [n for n, s in (await asyncio.to_thread(self.registry.merged_prompts)).items()
+                  if n != name and s.get("url") is None]
+        if len(others) >= self.settings.max_merged_engines:
+            raise Unprocessable(
+                f"{len(others)} prompt(s) already have a merged engine started by the gateway "
+                f"(PROMPTINTERN_MAX_MERGED_ENGINES={self.settings.max_merged_engines}): serve one of them by LoRA "
+                "first, or give a `url`", param="serving.mode", code="too_many_merged_engines")
+        return {"mode": "merged", "url": None}
 
     async def traffic(self, name: str, limit: int | None) -> TrafficList:
         total, rows = await asyncio.to_thread(self.registry.traffic, name, limit)
@@ -499,6 +543,13 @@ class PromptService:
         return await asyncio.to_thread(self.registry.purge_traffic, name)
 
     # -- views ---------------------------------------------------------------------------------
+
+    def serving_out(self, record: PromptRecord) -> ServingOut:
+        merged = self._merged()
+        if merged is not None:
+            return ServingOut.model_validate(merged.view(record.name, record.serving))
+        return ServingOut(requested="merged" if (record.serving or {}).get("mode") == "merged" else "lora",
+                          current="lora", url=(record.serving or {}).get("url"), error=None)
 
     def describe(self, record: PromptRecord) -> PromptOut:
         template = template_from_record(record)
@@ -513,8 +564,23 @@ class PromptService:
             job=job_out(job) if job else None,
             record=record_out(record.record),
             guard=guard_out(record.guard),
+            serving=self.serving_out(record),
             created=record.created,
         )
+
+
+def merged_engine_url(url: str) -> str:
+    """A merged engine's base URL: http(s), a host, no query; a trailing `/v1` is dropped (the gateway adds it)."""
+    parsed = urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise Unprocessable("a merged engine's url is an http(s) base URL such as http://vllm-merged:8000",
+                            param="serving.url", code="invalid_url")
+    try:
+        parsed.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise Unprocessable(f"the url's port is not valid: {exc}", param="serving.url", code="invalid_url") from exc
+    path = parsed.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    return f"{parsed.scheme}://{parsed.netloc}{path}"
 
 
 def traffic_row(row: TrafficRecord) -> dict[str, Any]:

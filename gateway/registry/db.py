@@ -101,6 +101,7 @@ class PromptRow(Base):
     examples: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {rate, max_rows}; None: off
     guard: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # shadow guard setting; None: off
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # None: LoRA
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     versions: Mapped[list[AdapterVersionRow]] = relationship(
         back_populates="prompt", cascade="all, delete-orphan", order_by="AdapterVersionRow.version",

@@ -96,6 +96,7 @@ class PromptRecord:
     jobs: list[JobRecord] = field(default_factory=list)
     record: dict[str, Any] | None = None  # recording of its fallback answers: {rate, max_rows}; None: off
     guard: dict[str, Any] | None = None  # shadow guard: {shadow_rate, min_agreement, window, metric}; None: off
+    serving: dict[str, Any] | None = None  # merged serving: {mode, url, engine: {...}}; None: LoRA
 
     @property
     def active_version(self) -> VersionRecord | None:
@@ -159,7 +160,7 @@ def _job(row: TrainJobRow, prompt: str) -> JobRecord:
 def _prompt(row: PromptRow) -> PromptRecord:
     return PromptRecord(row.name, row.tenant, row.kind, row.template, list(row.examples or []), row.created_at,
                         [_version(v) for v in row.versions], [_job(j, row.name) for j in row.jobs], row.record,
-                        row.guard)
+                        row.guard, row.serving)
 
 
 def check_prompt_name(name: str) -> None:
@@ -299,10 +300,11 @@ class PromptRegistry:
                 .order_by(AdapterVersionRow.prompt_id, AdapterVersionRow.version)
             ):
                 versions.setdefault(row[0], []).append(VersionRecord(*row[1:]))
-            return [PromptRecord(name, tenant, kind, template, [], created, versions.get(prompt_id, []), [], record)
-                    for prompt_id, name, tenant, kind, template, created, record in s.execute(
+            return [PromptRecord(name, tenant, kind, template, [], created, versions.get(prompt_id, []), [], record,
+                                 serving=serving)
+                    for prompt_id, name, tenant, kind, template, created, record, serving in s.execute(
                         select(PromptRow.id, PromptRow.name, PromptRow.tenant, PromptRow.kind, PromptRow.template,
-                               PromptRow.created_at, PromptRow.record).order_by(PromptRow.name))]
+                               PromptRow.created_at, PromptRow.record, PromptRow.serving).order_by(PromptRow.name))]
 
     def delete(self, name: str) -> PromptRecord:
         with self._session() as s:
@@ -351,6 +353,104 @@ class PromptRegistry:
             self._changed(s, name)
             s.commit()
             return True
+
+    # -- merged serving: the setting, and its engine under one replica's lease ------------------------
+    # `serving` is `{mode, url, engine: {owner, expires, endpoint, version, error}}`; None: LoRA. The replica
+    # whose name is `engine.owner` (until `engine.expires`) merges the active version and, without `url`, runs
+    # its engine; every replica routes to `engine.endpoint` (or `url`) once it answers there.
+
+    def set_serving(self, name: str, serving: dict[str, Any] | None) -> PromptRecord:
+        """Replace the prompt's serving setting (`{mode, url}`; None: LoRA). The engine state stays when the setting
+        is unchanged (a repeated PATCH), else it starts afresh; every replica follows through the change log."""
+        with self._session() as s:
+            prompt_id = self._lock_prompt(s, name)
+            old = s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {}
+            value = None
+            if serving is not None:
+                value = dict(serving)
+                same = (old.get("mode"), old.get("url")) == (serving.get("mode"), serving.get("url"))
+                if same and old.get("engine"):
+                    value["engine"] = old["engine"]
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=value)
+                      .execution_options(synchronize_session=False))
+            self._changed(s, name)
+            s.commit()
+        return self.get(name)
+
+    def merged_prompts(self) -> dict[str, dict[str, Any]]:
+        """The serving setting of every prompt served merged (what a replica's supervisor looks after)."""
+        with self._session() as s:
+            rows = s.execute(select(PromptRow.name, PromptRow.serving).where(PromptRow.serving.is_not(None))).all()
+            return {name: dict(serving) for name, serving in rows if serving and serving.get("mode") == "merged"}
+
+    def claim_serving(self, name: str, owner: str, ttl: timedelta) -> dict[str, Any] | None:
+        """Take (or renew) the lease on the prompt's merged engine; its serving setting if this replica holds it now,
+        None if another does, or the prompt is not (or no longer) served merged. Taking over an expired lease drops
+        the endpoint of the engine that went with it."""
+        now = utcnow()
+        with self._session() as s:
+            try:
+                prompt_id = self._lock_prompt(s, name)
+            except NotFoundError:
+                return None
+            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+            if serving.get("mode") != "merged":
+                return None
+            engine = dict(serving.get("engine") or {})
+            expires = engine.get("expires")
+            held_by_other = (engine.get("owner") not in (None, owner) and expires is not None
+                             and datetime.fromisoformat(expires) > now)
+            if held_by_other:
+                return None
+            changed = engine.get("owner") != owner and bool(engine.get("endpoint"))
+            if engine.get("owner") != owner:
+                engine = {"owner": owner, "endpoint": None, "version": None, "error": None}
+            engine["expires"] = (now + ttl).isoformat()
+            serving["engine"] = engine
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving)
+                      .execution_options(synchronize_session=False))
+            if changed:
+                self._changed(s, name)
+            s.commit()
+            return serving
+
+    def update_serving_engine(self, name: str, owner: str, ttl: timedelta, **fields: Any) -> bool:
+        """Record the merged engine's `endpoint`, `version` or `error` (and renew the lease), only while `owner` holds
+        it; a change other replicas route by goes through the change log. False when the lease is lost."""
+        with self._session() as s:
+            try:
+                prompt_id = self._lock_prompt(s, name)
+            except NotFoundError:
+                return False
+            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+            engine = dict(serving.get("engine") or {})
+            if serving.get("mode") != "merged" or engine.get("owner") != owner:
+                return False
+            changed = any(engine.get(key) != value for key, value in fields.items())
+            engine.update(fields, expires=(utcnow() + ttl).isoformat())
+            serving["engine"] = engine
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving)
+                      .execution_options(synchronize_session=False))
+            if changed:
+                self._changed(s, name)
+            s.commit()
+            return True
+
+    def release_serving(self, name: str, owner: str) -> None:
+        """Give up the lease on the prompt's merged engine (its engine stopped), if `owner` holds it."""
+        with self._session() as s:
+            try:
+                prompt_id = self._lock_prompt(s, name)
+            except NotFoundError:
+                return
+            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+            if (serving.get("engine") or {}).get("owner") != owner:
+                return
+            serving.pop("engine")
+            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving or None)
+                      .execution_options(synchronize_session=False))
+            self._changed(s, name)
+            s.commit()
 
     # -- recorded traffic (a ring buffer per prompt; not a routing change: no change log) ---------
 
