@@ -45,7 +45,7 @@ from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import bare_query_messages, parse_template
 from gateway.engines.base import Engine, EngineRequest, Finished, SamplingParams, TextDelta, Usage
-from gateway.local_server import UVICORN_SPEED, free_port
+from gateway.local_server import UVICORN_HTTP, UVICORN_LOOP, free_port
 from trainer.lora import random_lora
 
 INSTRUCTIONS = "You translate requests into one bash command. Answer with the command only."
@@ -141,14 +141,20 @@ class TwoServers:
 
         def server(app: Any, port: int, lifespan: Literal["on", "off"]) -> uvicorn.Server:
             return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                 lifespan=lifespan, **UVICORN_SPEED))
+                                                 lifespan=lifespan, http=UVICORN_HTTP,
+                                                 loop=UVICORN_LOOP))
 
         self.gateway = server(gateway_app, gateway_port, "on")
         self.direct = server(direct, direct_port, "off")
         self.gateway_url, self.direct_url = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{direct_port}"
-        # The event loop `promptintern serve` runs on (UVICORN_SPEED), for both servers alike.
-        factory = uvicorn.Config(gateway_app, **UVICORN_SPEED).get_loop_factory()
-        self.loop = factory() if factory is not None else asyncio.new_event_loop()
+        # The event loop `promptintern serve` runs on (UVICORN_LOOP), for both servers alike.
+        self.loop: asyncio.AbstractEventLoop
+        if UVICORN_LOOP == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="bench-servers", daemon=True)
 
     def _run(self) -> None:
