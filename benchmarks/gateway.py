@@ -45,7 +45,7 @@ from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import bare_query_messages, parse_template
 from gateway.engines.base import Engine, EngineRequest, Finished, SamplingParams, TextDelta, Usage
-from gateway.local_server import free_port
+from gateway.local_server import UVICORN_HTTP, UVICORN_LOOP, free_port
 from trainer.lora import random_lora
 
 INSTRUCTIONS = "You translate requests into one bash command. Answer with the command only."
@@ -141,12 +141,20 @@ class TwoServers:
 
         def server(app: Any, port: int, lifespan: Literal["on", "off"]) -> uvicorn.Server:
             return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                 lifespan=lifespan))
+                                                 lifespan=lifespan, http=UVICORN_HTTP,
+                                                 loop=UVICORN_LOOP))
 
         self.gateway = server(gateway_app, gateway_port, "on")
         self.direct = server(direct, direct_port, "off")
         self.gateway_url, self.direct_url = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{direct_port}"
-        self.loop = asyncio.new_event_loop()
+        # The event loop `promptintern serve` runs on (UVICORN_LOOP), for both servers alike.
+        self.loop: asyncio.AbstractEventLoop
+        if UVICORN_LOOP == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="bench-servers", daemon=True)
 
     def _run(self) -> None:
@@ -336,13 +344,18 @@ def _cpu(servers: TwoServers, bodies: list[Requests], requests: int) -> dict[str
 # Each step: the functions whose cumulative time is the step's (file suffix, function name). A function listed
 # under two steps (a step that contains another) is counted in both: the table is a breakdown, not a sum.
 STEPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("HTTP server (uvicorn h11: parse request, write response)", (
-        ("uvicorn/protocols/http/h11_impl.py", "data_received"), ("uvicorn/protocols/http/h11_impl.py", "send"))),
-    ("ASGI app, all of it (middleware, routing, handler)", (("uvicorn/protocols/http/h11_impl.py", "run_asgi"),)),
+    ("HTTP server (uvicorn: parse request, write response)", (
+        ("uvicorn/protocols/http/h11_impl.py", "data_received"), ("uvicorn/protocols/http/h11_impl.py", "send"),
+        ("uvicorn/protocols/http/httptools_impl.py", "data_received"),
+        ("uvicorn/protocols/http/httptools_impl.py", "send"))),
+    ("ASGI app, all of it (middleware, routing, handler)", (("uvicorn/protocols/http/h11_impl.py", "run_asgi"),
+                                                            ("uvicorn/protocols/http/httptools_impl.py", "run_asgi"))),
     ("auth (API key dependency)", (("gateway/auth.py", "require_api_key"),
                                    ("fastapi/security/http.py", "__call__"))),
     ("body: read + json.loads", (("starlette/requests.py", "body"), ("json/__init__.py", "loads"))),
-    ("body: pydantic validation", (("fastapi/dependencies/utils.py", "request_body_to_args"),)),
+    ("body: pydantic validation", (("fastapi/dependencies/utils.py", "request_body_to_args"),
+                                   ("pydantic/main.py", "model_validate_json"))),
+    ("FastAPI dependency resolution", (("fastapi/dependencies/utils.py", "solve_dependencies"),)),
     ("planning, all (detection, tokens, bare query)", (("gateway/openai_api/planning.py", "plan_chat"),)),
     ("  detection (matcher)", (("gateway/matcher.py", "match_chat"),)),
     ("  token counting", (("gateway/tokens.py", "original_tokens"), ("gateway/tokens.py", "count_chat"))),
@@ -354,8 +367,10 @@ STEPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
                                              ("gateway/openai_api/shaping.py", "usage_chunk"))),
     ("JSON encoding (model_dump_json)", (("pydantic/main.py", "model_dump_json"),)),
     ("SSE framing (format_sse_event)", (("fastapi/sse.py", "format_sse_event"),)),
-    ("client-disconnect watch (unless_gone)", (("gateway/openai_api/serving.py", "unless_gone"),)),
+    ("client-disconnect watch (unless_gone, own time)", (("gateway/openai_api/serving.py", "unless_gone"),)),
 )
+# Steps timed by their own time, not their cumulative one: `unless_gone` awaits the generation in its own task.
+OWN_TIME_STEPS = frozenset({"client-disconnect watch (unless_gone, own time)"})
 
 
 def _profile(servers: TwoServers, bodies: list[Requests], rounds: int, out: Path | None) -> dict[str, Any]:
@@ -382,7 +397,8 @@ def _breakdown(stats: pstats.Stats, rounds: int) -> dict[str, Any]:
     table: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
     steps = {}
     for step, functions in STEPS:
-        total = sum(ct for (file, _line, fn), (_cc, _nc, _tt, ct, _callers) in table.items()
+        own_time = step in OWN_TIME_STEPS
+        total = sum(tt if own_time else ct for (file, _line, fn), (_cc, _nc, tt, ct, _callers) in table.items()
                     if any(file.endswith(suffix) and fn == name for suffix, name in functions))
         steps[step] = total / rounds * 1e6
     own = sorted(((tt, f"{Path(file).parent.name}/{Path(file).name}:{fn}") for (file, _l, fn), (_c, _n, tt, _ct, _)

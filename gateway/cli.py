@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.local_server import UVICORN_HTTP, UVICORN_LOOP
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -47,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "`make serve` generates one for you", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=UVICORN_HTTP, loop=UVICORN_LOOP)
     return 0
 
 

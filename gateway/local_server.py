@@ -5,11 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import httpx
 
 from core.config import Settings
+
+# uvicorn's C-accelerated HTTP parser and event loop (dependencies of the package): each request costs the server
+# a fraction of h11's pure-Python parsing and asyncio's loop (`promptintern bench gateway`, README "Gateway
+# overhead"). `promptintern serve`, this server and the benchmark's servers all run on them.
+UVICORN_HTTP: Final = "httptools"
+UVICORN_LOOP: Final = "uvloop"
 
 
 def free_port() -> int:
@@ -31,7 +37,8 @@ class LocalGateway:
         self.url = f"http://127.0.0.1:{settings.port}"
         self.start_timeout = start_timeout
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", http=UVICORN_HTTP,
+                                                    loop=UVICORN_LOOP))
         self.thread = threading.Thread(target=self.server.run, name="local-gateway", daemon=True)
 
     def __enter__(self) -> Self:

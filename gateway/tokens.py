@@ -4,15 +4,26 @@ A template's static part is tokenised once (at registration, or at the prompt's 
 start-up); a request then costs only the tokenisation of its slot values. The count can differ from
 a full re-tokenisation by a token or two where a slot value merges with its neighbours (BPE), which
 is fine for cost accounting.
+
+The bare query an adapter is sent (one user message) is counted exactly, as the chat template renders it, without
+rendering the template per request: the text around the message's content is rendered once and reused, when the
+template is seen to put a user message's content in verbatim (checked with two probe contents) and reads no clock.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from core.templates import PromptTemplate
+
+# Probe contents for the chat template: leading and trailing blanks and newlines, so a template that trims or
+# otherwise rewrites a message's content shows it and keeps being rendered per request.
+PROBES = (" \n\u241fprobe-a\u241f\n ", "\t\u241eprobe-b\n\u241e  ")
+# A template reading the clock (e.g. Llama 3's "Today Date") renders differently from day to day.
+CLOCK = re.compile(r"strftime|now\(|datetime", re.IGNORECASE)
 
 
 class TokenCounter:
@@ -21,6 +32,7 @@ class TokenCounter:
         # A fast tokenizer's Rust backend, called directly on the request path: the same ids as `tokenizer(text)`
         # (which calls it too) without transformers' per-call wrapping, several times the cost of the encoding.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._user_frame: tuple[str, str] | bool | None = False  # False: not looked at yet; None: not verbatim
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> TokenCounter:
@@ -38,8 +50,39 @@ class TokenCounter:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_chat(self, messages: list[dict[str, Any]]) -> int:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.count_text(text)
+        """Tokens of `messages` as the chat template renders them, with the generation prompt."""
+        if len(messages) == 1 and messages[0].keys() == {"role", "content"} and messages[0]["role"] == "user" \
+                and isinstance(content := messages[0]["content"], str):
+            frame = self.user_frame()
+            if frame is not None:
+                return self.count_text(frame[0] + content + frame[1])
+        return self.count_text(self._render(messages))
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    def user_frame(self) -> tuple[str, str] | None:
+        """The rendered text before and after a lone user message's content, if the chat template puts the content
+        in verbatim and reads no clock (found once); None otherwise."""
+        if self._user_frame is False:
+            self._user_frame = self._find_user_frame()
+        return self._user_frame if isinstance(self._user_frame, tuple) else None
+
+    def _find_user_frame(self) -> tuple[str, str] | None:
+        source = getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(source, str) or CLOCK.search(source):
+            return None
+        frames = set()
+        for probe in PROBES:
+            try:
+                text = self._render([{"role": "user", "content": probe}])
+            except Exception:  # a template that refuses a plain user message: rendered per request, as before
+                return None
+            if text.count(probe) != 1:
+                return None
+            before, after = text.split(probe)
+            frames.add((before, after))
+        return frames.pop() if len(frames) == 1 else None
 
     def static_tokens(self, template: PromptTemplate) -> int:
         """Tokens of the full prompt with every slot left empty (chat template included)."""

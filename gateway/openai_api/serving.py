@@ -9,10 +9,9 @@ and a streamed answer closes the engine's stream whenever its response ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi.sse import format_sse_event
@@ -58,25 +57,39 @@ class ClientClosedRequest(APIError):
     error_type = "client_closed_request"
 
 
-async def unless_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
-    """Await `work` unless `gone` (the client's disconnect) comes first; then cancel it and raise ClientClosedRequest.
+async def unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
+    """Await `work` unless `gone()` (the client's disconnect) comes first; then cancel it and raise
+    ClientClosedRequest.
 
-    Cancelling the work cancels the engine stream it is reading, which frees the request's engine slot.
+    The work runs in the caller's task and only the watch is a task of its own (one task per request, not two and
+    an `asyncio.wait`): a disconnect cancels the caller's task, which cancels the engine stream the work is reading
+    (freeing the request's engine slot), and that cancellation becomes ClientClosedRequest here.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(gone)
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"running": True, "left": False}
+
+    def on_gone(watch: asyncio.Future[None]) -> None:
+        if state["running"] and not watch.cancelled() and watch.exception() is None:
+            state["left"] = True
+            current.cancel()
+
+    watcher = asyncio.ensure_future(gone())
+    watcher.add_done_callback(on_gone)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
+        result = await work
+    except asyncio.CancelledError:
+        if not state["left"]:
+            raise
+        current.uncancel()  # this cancellation was ours, not the caller's
         raise ClientClosedRequest("the client closed the connection before the answer was ready",
-                                  code="client_closed_request")
-    return task.result()
+                                  code="client_closed_request") from None
+    finally:
+        state["running"] = False
+        watcher.cancel()
+    if state["left"]:  # the work swallowed our cancellation and answered anyway
+        current.uncancel()
+    return result
 
 
 class _ToUpstream(Exception):
@@ -131,7 +144,7 @@ class InferenceService:
         return self.in_flight.track(plan.request.adapter, self.engine.generate(plan.request))
 
     async def open_stream(self, plan: Plan, started: float, include_usage: bool,
-                          gone: Awaitable[None]) -> tuple[Plan, StreamedAnswer | RelayedStream]:
+                          gone: Callable[[], Awaitable[None]]) -> tuple[Plan, StreamedAnswer | RelayedStream]:
         """Start a streamed answer and wait for its first event (errors are still HTTP errors) or the client to go."""
         try:
             if plan.relayed:
@@ -175,7 +188,7 @@ class InferenceService:
             first = await anext(stream, None)
         return plan, stream, first
 
-    async def complete(self, plan: Plan, started: float, gone: Awaitable[None]
+    async def complete(self, plan: Plan, started: float, gone: Callable[[], Awaitable[None]]
                        ) -> tuple[Plan, ChatCompletionResponse | CompletionResponse | dict[str, Any]]:
         """The whole answer (a relayed one as the upstream's JSON), unless the client leaves first: then generation
         stops and ClientClosedRequest is raised."""
