@@ -45,6 +45,7 @@ from gateway.local_server import LocalGateway, free_port
 
 UPSTREAM_MODEL = "gpt-4o-mini"
 DEFAULT_MAX_TOKENS = 64
+SHADOW_BLOCK = 5  # test queries per block of the shadow latency measurement
 STOP = ["\n"]  # one command line, as an app asking for one would send (and as `bench paper` decodes)
 
 
@@ -332,27 +333,33 @@ def _upstream_direct(upstream_url: str, example: Any, query: str, max_tokens: in
 
 def _shadow_latency(front: LocalGateway, admin: httpx.Client, example: Any, test: list[dict[str, Any]],
                     clock: Clock, max_tokens: int) -> dict[str, Any]:
-    """The adapter route's latency with the guard off and on (every answer shadowed), interleaved per query."""
+    """The adapter route's latency with the guard off and on (every answer shadowed): the test queries in blocks
+    of SHADOW_BLOCK, each block sent once with the guard off and once on (alternating which first), so requests
+    of an `on` block overlap the shadow checks of the ones before; the checks are let finish before an `off`
+    block (and before the guard is turned off, which would skip those still queued)."""
     off: list[float] = []
     on: list[float] = []
     guard = {"shadow_rate": 1.0, "min_agreement": 0.0, "window": 1000}
-    for i, row in enumerate(test):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for shadowed in order:
-            admin.patch(f"/v1/prompts/{example.name}", json={"guard": guard if shadowed else None}).raise_for_status()
-            started = time.perf_counter()
-            _chat(front.url, _full(example, row["query"]), max_tokens)
-            (on if shadowed else off).append(time.perf_counter() - started)
-    admin.patch(f"/v1/prompts/{example.name}", json={"guard": None}).raise_for_status()
     shadow = front.app.state.shadow
+    blocks = [test[i:i + SHADOW_BLOCK] for i in range(0, len(test), SHADOW_BLOCK)]
+    for b, block in enumerate(blocks):
+        for shadowed in ((False, True) if b % 2 == 0 else (True, False)):
+            admin.patch(f"/v1/prompts/{example.name}", json={"guard": guard if shadowed else None}).raise_for_status()
+            for row in block:
+                started = time.perf_counter()
+                _chat(front.url, _full(example, row["query"]), max_tokens)
+                (on if shadowed else off).append(time.perf_counter() - started)
+            while shadow.pending:
+                time.sleep(0.2)
+    admin.patch(f"/v1/prompts/{example.name}", json={"guard": None}).raise_for_status()
     checks = [v for v in shadow.verdicts if v.prompt == example.name]
     clock.say(f"shadow guard: adapter route median {statistics.median(off):.3f} s off, {statistics.median(on):.3f} s "
               f"on ({len(checks)} shadow checks)")
     return {"requests_each": len(test), "median_off_s": round(statistics.median(off), 3),
             "median_on_s": round(statistics.median(on), 3),
             "ratio_on_off": round(statistics.median(on) / statistics.median(off), 3), "shadow_checks": len(checks),
-            "note": "each query sent once with the guard off and once on, in alternating order; shadow calls run "
-                    "after the answer, on the same 2 cores as the next request"}
+            "note": f"each query sent once with the guard off and once on, in blocks of {SHADOW_BLOCK} alternating "
+                    "which goes first; shadow calls run after each answer, on the same cores as the next request"}
 
 
 def _table(result: dict[str, Any]) -> str:

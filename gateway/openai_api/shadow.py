@@ -92,6 +92,7 @@ class ShadowGuard:
         self._draw = draw
         self._queue: asyncio.Queue[ShadowCheck] = asyncio.Queue(queue_size)
         self._workers: list[asyncio.Task[None]] = []
+        self._running = 0  # checks being done now
         self._windows: dict[str, deque[float]] = {}  # per adapter id: the latest agreements
         self.verdicts: deque[Verdict] = deque(maxlen=100)  # the latest, for logs and tests
 
@@ -128,9 +129,16 @@ class ShadowGuard:
         """Wait until every offered check has been done (tests, benchmarks)."""
         await self._queue.join()
 
+    @property
+    def pending(self) -> int:
+        """Checks offered and not yet done (queued or running)."""
+        return self._queue.qsize() + self._running
+
+
     async def _work(self) -> None:
         while True:
             check = await self._queue.get()
+            self._running += 1
             try:
                 await self.check(check)
             except EngineOverloaded:
@@ -138,6 +146,7 @@ class ShadowGuard:
             except Exception:
                 log.exception("shadow check of %s failed", check.plan.prompt)
             finally:
+                self._running -= 1
                 self._queue.task_done()
 
     # -- one check -------------------------------------------------------------------------------
