@@ -67,7 +67,8 @@ async def get_prompt(name: str, prompts: Prompts) -> PromptOut:
 
 
 @router.patch("/{name}", response_model=PromptOut,
-              summary="Change a prompt's settings (`record`): a JSON merge patch, `null` turns a setting off")
+              summary="Change a prompt's settings (`record`, `guard`, `serving`): a JSON merge patch, `null` turns "
+                      "a setting off")
 async def patch_prompt(name: str, body: PatchPrompt, prompts: Prompts) -> PromptOut:
     return prompts.describe(await prompts.patch(name, body))
 
