@@ -45,7 +45,7 @@ from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import bare_query_messages, parse_template
 from gateway.engines.base import Engine, EngineRequest, Finished, SamplingParams, TextDelta, Usage
-from gateway.local_server import UVICORN_HTTP, UVICORN_LOOP, free_port
+from gateway.local_server import UVICORN_HTTP, UVICORN_LOOP, free_port, wait_until_ready
 from trainer.lora import random_lora
 
 INSTRUCTIONS = "You translate requests into one bash command. Answer with the command only."
@@ -179,17 +179,15 @@ class TwoServers:
 
     def __enter__(self) -> TwoServers:
         self.thread.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("the servers failed to start (see the log above)")
-            if self.gateway.started and self.direct.started:
-                try:
-                    if httpx.get(f"{self.gateway_url}/ready", timeout=2).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.2)
+
+        def failed() -> str | None:
+            return None if self.thread.is_alive() else "the servers failed to start (see the log above)"
+
+        if wait_until_ready(f"{self.gateway_url}/ready", 300, failed):  # both serve from one loop, started together
+            while not self.direct.started and failed() is None:
+                time.sleep(0.05)
+            if self.direct.started:
+                return self
         raise RuntimeError("the gateway did not become ready within 300 s")
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,7 @@ from benchmarks.errors import BenchInputError
 from benchmarks.latency import percentile
 from core.basemodel import base_model_dir
 from core.config import Settings
-from gateway.local_server import free_port
+from gateway.local_server import free_port, wait_until_ready
 from gateway.vllm_server import VLLMProcess, vllm_python
 
 PROMPT = [{"role": "user", "content": "Say hello to the team."}]
@@ -96,17 +96,19 @@ class GatewayProcess:
         log = self.log_path.open("wb")
         command = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--log-level", "warning"]
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchInputError(f"the gateway exited with {self.process.returncode}: "
-                                      f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        process = self.process
+
+        def failed() -> str | None:
+            if process.poll() is None:
+                return None
+            return (f"the gateway exited with {process.returncode}: "
+                    f"{self.log_path.read_text(errors='replace')[-2000:]}")
+
+        try:
+            if wait_until_ready(f"{self.url}/ready", self.start_timeout, failed, interval=0.5):
+                return self
+        except RuntimeError as exc:
+            raise BenchInputError(str(exc)) from exc
         self.__exit__()
         raise BenchInputError(f"the gateway was not ready within {self.start_timeout:.0f} s (log: {self.log_path})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, Self
 
 import httpx
@@ -22,6 +23,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_ready(url: str, timeout: float, failed: Callable[[], str | None], interval: float = 0.2) -> bool:
+    """Poll `url` (a `/ready` endpoint) until it answers 200 (True) or `timeout` seconds pass (False); `failed`
+    returns why the server can no longer come up (its process or thread ended), raised as a RuntimeError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        why = failed()
+        if why is not None:
+            raise RuntimeError(why)
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    return False
 
 
 class LocalGateway:
@@ -43,16 +61,9 @@ class LocalGateway:
 
     def __enter__(self) -> Self:
         self.thread.start()
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("the gateway failed to start (see the log above)")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if wait_until_ready(f"{self.url}/ready", self.start_timeout, lambda: None if self.thread.is_alive() else
+                            "the gateway failed to start (see the log above)"):
+            return self
         raise RuntimeError(f"the gateway did not become ready within {self.start_timeout:.0f} s")
 
     def __exit__(self, *exc: object) -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from gateway.local_server import free_port
+from gateway.local_server import free_port, wait_until_ready
 from tests.conftest import ADMIN_KEY, REPO
 
 UPSTREAM_KEY = "upstream-own-key"
@@ -37,15 +36,9 @@ class UpstreamProcess:
             env=env, cwd=tmp)
 
     def __enter__(self) -> UpstreamProcess:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the upstream gateway exited"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if wait_until_ready(f"{self.url}/ready", 300,
+                            lambda: None if self.process.poll() is None else "the upstream gateway exited"):
+            return self
         raise RuntimeError("the upstream gateway did not become ready")
 
     def __exit__(self, *exc: object) -> None:
