@@ -170,6 +170,7 @@ def run(settings: Settings, options: TrafficOptions) -> dict[str, Any]:
     result["date"] = dt.date.today().isoformat()
     result["command"] = (f"promptintern bench traffic --train-rows {options.train_rows} --test-rows "
                          f"{options.test_rows} --schedule {options.schedule}"
+                         + (f" --max-tokens {options.max_tokens}" if options.max_tokens != DEFAULT_MAX_TOKENS else "")
                          + (f" --teacher-adapter {options.teacher_adapter}" if options.teacher_adapter else "")
                          + (" --steps-per-stage " + " ".join(map(str, options.steps_per_stage))
                             if options.steps_per_stage else ""))
