@@ -51,7 +51,10 @@ def wait_for_job(admin: httpx.Client, name: str, seen: set[str], timeout: float 
         seen.update("version:" + v["status"] for v in body["versions"])
         return body if job.get("status") in ("succeeded", "failed", "interrupted") else None
 
-    body: dict[str, Any] = wait_until(finished, f"the training job of {name} to finish", timeout)
+    wait_until(finished, f"the training job of {name} to finish", timeout)
+    # Read once more: on SQLite a GET reads the prompt's versions and jobs by separate SELECTs, so the read that saw
+    # the job end may have read its versions just before the job's last write (a known gap of the registry).
+    body: dict[str, Any] = admin.get(f"/v1/prompts/{name}").json()
     return body
 
 
