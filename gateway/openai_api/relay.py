@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.sse import format_sse_event
@@ -46,6 +47,32 @@ def _has_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class SingleAnswer:
+    """The one choice of an upstream's whole answer: its text, finish reason, whether it called tools, the model."""
+
+    text: str
+    finish: str | None
+    tool_calls: bool
+    model: str | None
+
+
+def single_answer(endpoint: str, answer: dict[str, Any]) -> SingleAnswer | None:
+    """An upstream's whole answer (chat or completion JSON) when it has exactly one choice with text; else None."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    found = choice.get("message")
+    message: dict[str, Any] = found if isinstance(found, dict) else {}
+    text = message.get("content") if endpoint == "chat" else choice.get("text")
+    if not isinstance(text, str):
+        return None
+    finish, model = choice.get("finish_reason"), answer.get("model")
+    return SingleAnswer(text, finish if isinstance(finish, str) else None, bool(message.get("tool_calls")),
+                        model if isinstance(model, str) else None)
+
+
 class UpstreamRelay:
     """Sends relayed plans to the upstream and counts them with the inference service's accounting."""
 
@@ -77,17 +104,9 @@ class UpstreamRelay:
         return answer
 
     def _offer_whole(self, plan: Plan, answer: dict[str, Any]) -> None:
-        choices = answer.get("choices")
-        if self.offer is None or not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-            return
-        choice = choices[0]
-        found = choice.get("message")
-        message: dict[str, Any] = found if isinstance(found, dict) else {}
-        text = message.get("content") if plan.endpoint == "chat" else choice.get("text")
-        if isinstance(text, str):
-            model = answer.get("model")
-            self.offer(plan, text, choice.get("finish_reason"), bool(message.get("tool_calls")),
-                       model if isinstance(model, str) else None)
+        single = single_answer(plan.endpoint, answer)
+        if self.offer is not None and single is not None:
+            self.offer(plan, single.text, single.finish, single.tool_calls, single.model)
 
     async def open_stream(self, plan: Plan, started: float, include_usage: bool) -> RelayedStream:
         """Open the upstream's stream (an error status is still an HTTP error here)."""

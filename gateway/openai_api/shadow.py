@@ -27,10 +27,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from core.agreement import agreement
-from gateway.engines.base import Engine, EngineOverloaded, EngineRequest, Finished, TextDelta
+from gateway.engines.base import Engine, EngineOverloaded, EngineRequest
 from gateway.engines.inflight import AdapterUse
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api.planning import Plan
+from gateway.openai_api.relay import single_answer
+from gateway.openai_api.shaping import Outcome
 from gateway.prompts.recording import TrafficRecorder
 from gateway.prompts.routing import RoutablePrompt
 from gateway.registry.store import PromptRegistry
@@ -185,24 +187,16 @@ class ShadowGuard:
         if plan.upstream and self.upstream is not None and plan.upstream_body is not None:
             body = {k: v for k, v in plan.upstream_body.items() if k not in ("stream", "stream_options", "n", "seed")}
             body["temperature"] = 0
-            answer = await self.upstream.complete(plan.endpoint, body)
-            choices = answer.get("choices")
-            if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            single = single_answer(plan.endpoint, await self.upstream.complete(plan.endpoint, body))
+            if single is None:
                 return None
-            choice = choices[0]
-            found = choice.get("message")
-            message: dict[str, Any] = found if isinstance(found, dict) else {}
-            text = message.get("content") if plan.endpoint == "chat" else choice.get("text")
-            finish = choice.get("finish_reason")
+            text, finish = single.text, single.finish
         else:
             assert plan.fallback is not None
             text, finish = await self._generate(greedy(plan.fallback))
-        if not isinstance(text, str):
-            return None
         if self.recorder is not None and plan.slots is not None:
-            model = plan.model
-            self.recorder.offer(prompt=plan.prompt, tenant=plan.tenant, slots=plan.slots, text=text,
-                                finish=finish if isinstance(finish, str) else None, model=model)
+            self.recorder.offer(prompt=plan.prompt, tenant=plan.tenant, slots=plan.slots, text=text, finish=finish,
+                                model=plan.model)
         return text
 
     async def _adapter_again(self, plan: Plan) -> str:
@@ -210,17 +204,14 @@ class ShadowGuard:
         return text
 
     async def _generate(self, request: EngineRequest) -> tuple[str, str | None]:
-        parts: list[str] = []
-        finish: str | None = None
+        """The engine's whole answer (its first choice) and finish reason."""
+        outcome = Outcome()
         stream = self.engine.generate(request)
         if request.adapter is not None:
             stream = self.in_flight.track(request.adapter, stream)
         async for event in stream:
-            if isinstance(event, TextDelta) and event.index == 0:
-                parts.append(event.text)
-            elif isinstance(event, Finished) and event.index == 0:
-                finish = event.reason
-        return "".join(parts), finish
+            outcome.add(event)
+        return "".join(outcome.texts.get(0, [])), outcome.finish.get(0)
 
     async def _roll_back(self, prompt: str, adapter: str, mean: float, window: int, minimum: float,
                          metric: str) -> bool:
