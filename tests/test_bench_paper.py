@@ -22,7 +22,15 @@ from benchmarks.paper.plots import write_plots
 from benchmarks.paper.report import render_readme_section, render_report
 from benchmarks.paper.run import rebuild_report
 from benchmarks.paper.scoring import bootstrap_bleu
-from benchmarks.paper.table import FIGURE_KEYS, PAPER_HEADLINE, paper_document, project_seconds, ratios, table_rows
+from benchmarks.paper.table import (
+    FIGURE_KEYS,
+    PAPER_HEADLINE,
+    complete_rows,
+    paper_document,
+    project_seconds,
+    ratios,
+    table_rows,
+)
 from core.templates import parse_template
 from gateway.cli import build_parser
 
@@ -37,6 +45,7 @@ FIGURES: dict[str, tuple[float, float, float, float, float, float | None]] = {
     "direct_ft": (50, 20, 1.1, 25.0, 3.0, 500.0),
     "promptintern": (50, 20, 1.0, 28.0, 4.0, 1200.0),
     "promptintern_gateway": (50, 20, 1.05, 28.0, 4.0, 1200.0),
+    "promptintern_merged": (50, 20, 0.8, 28.0, 4.0, 1200.0),
 }
 
 
@@ -61,6 +70,10 @@ def rows() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def doc(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return _doc_of(rows)
+
+
+def _doc_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     settings = {"command": "promptintern bench paper --quick", "mode_detail": "--quick: the first 4 of 70 test rows",
                 "engine_detail": "transformers + peft", "test_rows": 4, "test_rows_available": 70,
                 "train_rows": 206, "examples": 24, "base_model": "SmolLM2", "decoding": "greedy",
@@ -133,7 +146,26 @@ def test_rows_have_every_id_and_key_with_nulls_where_not_applicable(rows: list[d
     assert pi["cost_per_1k_requests_usd"] == pytest.approx(0.0195)
     assert pi["cost_saving"] == pytest.approx(round(1 - 0.0195 / 0.132, 4))
     assert by_id["promptintern_gateway"]["original_input_tokens"] == 802.0
+    # The second speed-up column: row 5's median latency (4.4 s) over the row's.
+    assert pi["speedup_vs_ft"] == pytest.approx(4.4)
+    assert by_id["full_prompt_ft"]["speedup_vs_ft"] == 1.0
+    assert by_id["promptintern_merged"]["speedup_vs_ft"] == pytest.approx(5.5)
+    assert by_id["promptintern_merged"]["merged"] and not pi["merged"]
     json.dumps(rows, allow_nan=False)  # plain JSON: no NaN, no objects
+
+
+def test_an_older_document_gains_the_new_column_and_an_unmeasured_row_9(rows: list[dict[str, Any]]) -> None:
+    old = [{k: v for k, v in r.items() if k not in ("speedup_vs_ft", "merged")}
+           for r in rows if r["id"] != "promptintern_merged"]
+    completed = complete_rows(old)
+    assert [r["id"] for r in completed] == list(ROW_IDS)
+    by_id = {r["id"]: r for r in completed}
+    assert by_id["promptintern"]["speedup_vs_ft"] == pytest.approx(4.4)
+    row9 = by_id["promptintern_merged"]
+    assert all(row9[k] is None for k in FIGURE_KEYS)
+    assert row9["note"] == "this run predates the row"
+    text = render_report({**_doc_of(completed)})
+    assert "Row 9 (the adapter merged into the weights) was not measured: this run predates the row." in text
 
 
 def test_rows_need_the_baseline() -> None:
@@ -157,10 +189,17 @@ def test_report_renders_table_findings_and_dashes(doc: dict[str, Any]) -> None:
     for condition in CONDITIONS:
         assert condition.label in text
     row4 = next(line for line in text.splitlines() if line.startswith("| 4 |"))
-    assert row4.count("—") == 11
+    assert row4.count("—") == 12
     assert "93.8% — at or above the paper's >90%" in text
     assert "4.00× (4.00× faster) — below the paper's 4.2×" in text
     assert "Row 4 (prefix caching) was not measured: the embedded engine has no prefix cache." in text
+    assert "| 9 | PromptIntern merged into the weights (merged serving), bare query | 50 |" in text
+    assert "| 93.8% | 5.00× | 85.2% | 5.50× |" in text  # row 9: tokens −, speed-up vs 1, cost −, speed-up vs 5
+    assert ("Merged serving (row 9), the best serving option here: 0.80 s median, 5.00× faster than the full "
+            "prompt (row 1) and 1.25× faster than row 7's LoRA route; about 40 ms per answer token against 50 ms "
+            "for the bare query on the base model (row 2, -20%)") in text
+    assert ("the column \"speed-up vs 5\": row 7 4.40× faster (BLEU 28.0), row 9 5.50× faster (BLEU 28.0)"
+            in text)
     assert "Under load (8 requests at concurrency 8): PromptIntern serves 2.00 requests/s against row 1's 0.50 " \
            "(4.00×): when" in text
     assert "2026-11-29 06:00 UTC" in text

@@ -9,7 +9,7 @@ Inputs = Literal["full", "bare", "compressed"]
 
 ROW_IDS: tuple[str, ...] = (
     "base_full", "base_bare", "compressed_keep0.5", "compressed_keep0.2", "base_full_prefix_cache",
-    "full_prompt_ft", "direct_ft", "promptintern", "promptintern_gateway",
+    "full_prompt_ft", "direct_ft", "promptintern", "promptintern_gateway", "promptintern_merged",
 )
 
 
@@ -25,6 +25,7 @@ class Condition:
     keep_ratio: float | None = None
     prefix_caching: bool = False
     gateway: bool = False
+    merged: bool = False  # the adapter merged into the base weights, on its own vLLM without LoRA
 
 
 CONDITIONS: tuple[Condition, ...] = (
@@ -42,6 +43,8 @@ CONDITIONS: tuple[Condition, ...] = (
     Condition("promptintern", "7", "PromptIntern (progressive), bare query", "bare", adapter="promptintern"),
     Condition("promptintern_gateway", "8", "PromptIntern through the gateway (app sends the full prompt)", "full",
               adapter="promptintern", gateway=True),
+    Condition("promptintern_merged", "9", "PromptIntern merged into the weights (merged serving), bare query",
+              "bare", adapter="promptintern", merged=True),
 )
 
 

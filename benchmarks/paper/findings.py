@@ -32,6 +32,8 @@ def findings(doc: dict[str, Any]) -> list[str]:
             f"median-latency speed-up {_compare(head['ours']['speedup'], 'speedup')}; "
             f"cost {_compare(head['ours']['cost_saving'], 'cost_saving')}.")
     out += _where_time_goes(by_id)
+    out += _merged(by_id)
+    out += _against_fine_tuned(by_id)
     out += _under_load(by_id)
     out += _quality(by_id)
     gw = by_id.get("promptintern_gateway")
@@ -59,6 +61,53 @@ def findings(doc: dict[str, Any]) -> list[str]:
                 f"{pct(c['token_reduction'])} fewer tokens, BLEU {c['bleu']:.1f} (row 1: {base['bleu']:.1f}), "
                 f"{speed(c['speedup'])} than row 1.")
     return out
+
+
+def _merged(by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """Row 9 against row 7 (same adapter, LoRA), row 2 (same bare input, plain weights), rows 1 and 4."""
+    keys = ("latency_p50_s", "output_tokens")
+    merged, pi, bare, apc = (by_id.get(k) for k in ("promptintern_merged", "promptintern", "base_bare",
+                                                      "base_full_prefix_cache"))
+    if merged is None:
+        return []
+    if not _have(merged, *keys):
+        return [f"Row 9 (the adapter merged into the weights) was not measured: {merged.get('note') or 'no vLLM'}."]
+    assert merged is not None
+    per_token = 1000 * merged["latency_p50_s"] / merged["output_tokens"] if merged["output_tokens"] else None
+    text = (f"Merged serving (row 9), the best serving option here: {merged['latency_p50_s']:.2f} s median, "
+            f"{speed(merged['speedup'])} than the full prompt (row 1)")
+    if _have(pi, *keys):
+        assert pi is not None
+        text += f" and {speed(ratio(pi['latency_p50_s'], merged['latency_p50_s']))} than row 7's LoRA route"
+    if _have(apc, "latency_p50_s"):
+        assert apc is not None
+        text += (f"; against prefix caching (row 4, {apc['latency_p50_s']:.2f} s) it is "
+                 f"{speed(ratio(apc['latency_p50_s'], merged['latency_p50_s']))}")
+    if per_token is not None and _have(bare, *keys) and bare["output_tokens"]:  # type: ignore[index]
+        assert bare is not None
+        plain = 1000 * bare["latency_p50_s"] / bare["output_tokens"]
+        text += (f"; about {per_token:.0f} ms per answer token against {plain:.0f} ms for the bare query on the "
+                 f"base model (row 2, {100 * (per_token / plain - 1):+.0f}%)")
+    note = merged.get("note") or ""
+    same = note.rsplit("; ", 1)[-1] if "identical" in note else ""
+    return [text + (f"; {same}" if same else "") + "."]
+
+
+def _against_fine_tuned(by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """The second speed-up column in words: rows 7 and 9 against row 5, which answers as well with the prompt kept."""
+    ft = by_id.get("full_prompt_ft")
+    if not _have(ft, "latency_p50_s", "bleu"):
+        return []
+    assert ft is not None
+    parts = [f"row {r['row']} {speed(r['speedup_vs_ft'])}" + (f" (BLEU {r['bleu']:.1f})" if r.get("bleu") is not None
+                                                              else "")
+             for r in (by_id.get("promptintern"), by_id.get("promptintern_merged"))
+             if r is not None and r.get("speedup_vs_ft") is not None]
+    if not parts:
+        return []
+    return [f"Against full-prompt fine-tuning (row 5: a trained adapter that keeps the prompt, BLEU {ft['bleu']:.1f}, "
+            f"{ft['latency_p50_s']:.2f} s median), the column \"speed-up vs 5\": " + ", ".join(parts)
+            + ": the same kind of trained answers without paying for the prompt."]
 
 
 def _under_load(by_id: dict[str, dict[str, Any]]) -> list[str]:

@@ -145,13 +145,14 @@ async def measure_on_engine(settings: Settings, conditions: Sequence[Condition],
     engine = build_engine(settings)
     await engine.start()
     try:
-        wanted = sorted({c.adapter for c in conditions if c.adapter})
+        wanted = sorted({c.adapter for c in conditions if c.adapter and not c.merged})
         for schedule in wanted:
             await engine.load_adapter(adapter_name(schedule), adapters[schedule].path)
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=STOP)
         out = []
         for condition in conditions:
-            name = adapter_name(condition.adapter) if condition.adapter else None
+            # A merged row's adapter is in the engine's weights: its requests name the engine's model.
+            name = adapter_name(condition.adapter) if condition.adapter and not condition.merged else None
 
             async def send(messages: Messages, name: str | None = name) -> Generation:
                 return await engine_generate(engine, messages, name, params)
@@ -211,3 +212,25 @@ def serving(kind: str, settings: Settings, model_dir: Path, *, prefix_caching: b
                      prefix_caching=prefix_caching, threads=settings.torch_threads):
         yield settings.model_copy(update={"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}",
                                           "base_model": model_dir})
+
+
+MERGED_MODEL_NAME = "paper-promptintern@merged"
+
+
+@contextmanager
+def serving_merged(settings: Settings, model_dir: Path, adapter: AdapterInfo, *, eager: bool, root: Path,
+                   log_dir: Path, progress: Progress) -> Iterator[Settings]:
+    """Row 9's engine: the adapter merged into the base weights (trainer/merge.py, as merged serving writes it),
+    on a vLLM of its own without LoRA, started like the gateway's merged engine (prefix caching off here, as for
+    every row but 4)."""
+    from trainer.merge import merge_adapter
+
+    progress.say(f"merging {adapter.path} into the base weights")
+    merged_dir = merge_adapter(model_dir, adapter.path, root / "merged", progress=False)
+    log_path = log_dir / "vllm-merged.log"
+    log_path.unlink(missing_ok=True)
+    port = free_port()
+    with VLLMProcess(settings, merged_dir, port=port, log_path=log_path, fast_start=eager, prefix_caching=False,
+                     threads=settings.torch_threads, lora=False, served_model_name=MERGED_MODEL_NAME):
+        yield settings.model_copy(update={"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}",
+                                          "base_model": merged_dir, "served_model_name": MERGED_MODEL_NAME})

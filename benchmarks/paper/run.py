@@ -17,7 +17,7 @@ from benchmarks.paper.adapters import AdapterInfo, lora_rank_limit, manifest_eva
 from benchmarks.paper.conditions import CONDITIONS, Measurement, Prices
 from benchmarks.paper.inputs import CompressedTemplate, Workload, build_inputs, compress_template
 from benchmarks.paper.machine import machine_info, vllm_version
-from benchmarks.paper.measure import measure_on_engine, measure_through_gateway, serving
+from benchmarks.paper.measure import measure_on_engine, measure_through_gateway, serving, serving_merged
 from benchmarks.paper.options import (
     CONCURRENCY,
     KEEP_RATIOS,
@@ -29,7 +29,7 @@ from benchmarks.paper.options import (
 )
 from benchmarks.paper.plots import write_plots
 from benchmarks.paper.report import render_readme_section, render_report
-from benchmarks.paper.table import paper_document, project_seconds, table_rows
+from benchmarks.paper.table import complete_rows, paper_document, project_seconds, table_rows
 from core.basemodel import base_model_dir
 from core.config import Settings
 from gateway.vllm_server import VLLM_VENV, vllm_python
@@ -112,9 +112,10 @@ def run(settings: Settings, options: PaperOptions) -> Path:
 
 def _measure_all(kind: str, settings: Settings, model_dir: Path, example: Any, adapters: dict[str, AdapterInfo],
                  work: Workload, options: PaperOptions, out: Path, progress: Progress) -> list[Measurement]:
-    """Every row in table order: the engine's rows and row 8 on one start, row 4 on a second (vLLM only)."""
+    """Every row in table order: the engine's rows and row 8 on one start, row 4 on a second and row 9 (the
+    merged adapter) on a third (vLLM only)."""
     by_id = {c.id: c for c in CONDITIONS}
-    direct = [c for c in CONDITIONS if not c.prefix_caching and not c.gateway]
+    direct = [c for c in CONDITIONS if not c.prefix_caching and not c.gateway and not c.merged]
     results: dict[str, Measurement] = {}
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -135,6 +136,16 @@ def _measure_all(kind: str, settings: Settings, model_dir: Path, example: Any, a
                                                                progress))[0]
     else:
         results[cached.id] = Measurement(condition=cached)
+    merged = by_id["promptintern_merged"]
+    if kind == "vllm":
+        progress.say("phase 3/4: third vLLM start, the PromptIntern adapter merged into the weights: row 9")
+        with tempfile.TemporaryDirectory(prefix="promptintern-paper-merged-") as tmp, \
+                serving_merged(settings, model_dir, adapters["promptintern"], eager=options.eager, root=Path(tmp),
+                               log_dir=log_dir, progress=progress) as s:
+            results[merged.id] = asyncio.run(measure_on_engine(s, [merged], adapters, work, options.max_new_tokens,
+                                                               progress))[0]
+    else:
+        results[merged.id] = Measurement(condition=merged)
     return [results[c.id] for c in CONDITIONS]
 
 
@@ -152,10 +163,15 @@ def _annotate(measurements: list[Measurement], adapters: dict[str, AdapterInfo],
     for m in measurements:
         if m.condition.adapter and not m.condition.gateway:
             m.note = f"adapter {adapters[m.condition.adapter].source}"
-    pi, gw = by_id.get("promptintern"), by_id.get("promptintern_gateway")
-    if pi and gw and gw.measured and pi.measured:
-        same = sum(x == y for x, y in zip(pi.predictions, gw.predictions, strict=False))
-        gw.note += f"; {same}/{gw.n} answers identical to row 7's"
+        if m.condition.merged:
+            m.note = (f"row 7's adapter ({adapters[m.condition.adapter or 'promptintern'].source}) merged into the "
+                      "base weights, on a vLLM of its own without LoRA (its own start)" if kind == "vllm"
+                      else f"merged serving runs on vLLM only ({why})")
+    pi = by_id.get("promptintern")
+    for other in (by_id.get("promptintern_gateway"), by_id.get("promptintern_merged")):
+        if pi and other and other.measured and pi.measured:
+            same = sum(x == y for x, y in zip(pi.predictions, other.predictions, strict=False))
+            other.note += f"; {same}/{other.n} answers identical to row 7's"
 
 
 def _settings_doc(settings: Settings, options: PaperOptions, example: Any, n: int, kind: str,
@@ -187,7 +203,8 @@ def _settings_doc(settings: Settings, options: PaperOptions, example: Any, n: in
                     "(every row alike: the answer is one command line)",
         "warmup": WARMUP, "throughput_requests": options.throughput, "concurrency_throughput": CONCURRENCY,
         "max_lora_rank": settings.max_lora_rank,
-        "prefix_caching": ("off for every row except row 4 (a second vLLM start with it on)" if kind == "vllm"
+        "prefix_caching": ("off for every row except row 4 (a second vLLM start with it on); row 9's merged "
+                           "engine is a third start" if kind == "vllm"
                            else "none (the embedded engine has no prefix cache)"),
         "price_input_per_1k": prices.input_per_1k, "price_output_per_1k": prices.output_per_1k,
         "compression": [{"keep_ratio": c.keep_ratio, "kept_tokens": c.kept_tokens, "total_tokens": c.total_tokens}
@@ -213,6 +230,7 @@ def rebuild_report(out: Path) -> None:
         raise BenchInputError(f"no {source} to rebuild from: run `promptintern bench paper` first, or point --out "
                               "at a results folder")
     doc = json.loads(source.read_text())
+    complete_rows(doc["rows"])
     for adapter in doc.get("adapters", []):
         manifest = read_manifest(Path(adapter["path"])) or {}
         if adapter.get("evaluation") is None and manifest.get("cache_key") == adapter.get("cache_key"):

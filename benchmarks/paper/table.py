@@ -12,19 +12,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.latency import percentile
-from benchmarks.paper.conditions import Measurement, Prices
+from benchmarks.paper.conditions import CONDITIONS, Measurement, Prices
 
 FIGURE_KEYS: tuple[str, ...] = (
     "input_tokens", "bleu", "exact_match", "latency_p50_s", "latency_p95_s", "throughput_rps_c8",
-    "cost_per_1k_requests_usd", "training_time_s", "token_reduction", "speedup", "cost_saving",
+    "cost_per_1k_requests_usd", "training_time_s", "token_reduction", "speedup", "cost_saving", "speedup_vs_ft",
 )
 BASELINE = "base_full"
+# The second speed-up column's reference: row 5 answers as well as an adapter does, with the prompt kept.
+FINE_TUNED_BASELINE = "full_prompt_ft"
 # The paper's headline figures (PromptIntern vs the full prompt), as the issue quotes them.
 PAPER_HEADLINE = {"token_reduction": 0.90, "speedup": 4.2, "cost_saving": 0.883}
 PAPER_SHOWN = {"token_reduction": ">90%", "speedup": "4.2×", "cost_saving": "88.3%"}
 ROUNDING = {"input_tokens": 1, "bleu": 2, "exact_match": 2, "latency_p50_s": 3, "latency_p95_s": 3,
             "throughput_rps_c8": 3, "cost_per_1k_requests_usd": 6, "training_time_s": 1,
-            "token_reduction": 4, "speedup": 3, "cost_saving": 4}
+            "token_reduction": 4, "speedup": 3, "cost_saving": 4, "speedup_vs_ft": 3}
 
 
 def project_seconds(measurements: Sequence[Measurement], total_s: float, *, rows: int, warmup: int,
@@ -84,23 +86,49 @@ def table_rows(measurements: Sequence[Measurement], prices: Prices) -> list[dict
     if BASELINE not in figures:
         raise ValueError(f"the table needs row {BASELINE!r} to compute ratios")
     baseline = figures[BASELINE]
+    fine_tuned = figures.get(FINE_TUNED_BASELINE, {})
     rows = []
     for m in measurements:
-        values: dict[str, Any] = {**figures[m.condition.id], **ratios(figures[m.condition.id], baseline)}
-        row: dict[str, Any] = {"id": m.condition.id, "row": m.condition.number, "label": m.condition.label}
-        row.update({key: _round(values[key], ROUNDING[key]) for key in FIGURE_KEYS})
-        row.update({
-            "n": m.n,
-            "output_tokens": _round(m.output_tokens, 2),
-            "original_input_tokens": _round(m.original_input_tokens, 1),
-            "bleu_ci95": [round(v, 2) for v in m.bleu_ci95] if m.bleu_ci95 else None,
-            "throughput_requests": m.throughput_requests or None,
-            "throughput_ratio": _round(ratio(values["throughput_rps_c8"], baseline["throughput_rps_c8"]), 3),
-            "inputs": m.condition.inputs, "adapter": m.condition.adapter, "keep_ratio": m.condition.keep_ratio,
-            "prefix_caching": m.condition.prefix_caching, "via_gateway": m.condition.gateway,
-            "seconds": _round(m.seconds, 1), "note": m.note, "samples": m.samples, "predictions": m.predictions,
-        })
-        rows.append(row)
+        own = figures[m.condition.id]
+        rows.append(_row(m, {**own, **ratios(own, baseline),
+                             "speedup_vs_ft": ratio(fine_tuned.get("latency_p50_s"), own["latency_p50_s"]),
+                             "throughput_ratio": ratio(own["throughput_rps_c8"], baseline["throughput_rps_c8"])}))
+    return rows
+
+
+def _row(m: Measurement, values: dict[str, Any]) -> dict[str, Any]:
+    """One JSON row: id, label, the figures rounded, and what the report and plots read besides."""
+    row: dict[str, Any] = {"id": m.condition.id, "row": m.condition.number, "label": m.condition.label}
+    row.update({key: _round(values.get(key), ROUNDING[key]) for key in FIGURE_KEYS})
+    row.update({
+        "n": m.n,
+        "output_tokens": _round(m.output_tokens, 2),
+        "original_input_tokens": _round(m.original_input_tokens, 1),
+        "bleu_ci95": [round(v, 2) for v in m.bleu_ci95] if m.bleu_ci95 else None,
+        "throughput_requests": m.throughput_requests or None,
+        "throughput_ratio": _round(values.get("throughput_ratio"), 3),
+        "inputs": m.condition.inputs, "adapter": m.condition.adapter, "keep_ratio": m.condition.keep_ratio,
+        "prefix_caching": m.condition.prefix_caching, "via_gateway": m.condition.gateway,
+        "merged": m.condition.merged,
+        "seconds": _round(m.seconds, 1), "note": m.note, "samples": m.samples, "predictions": m.predictions,
+    })
+    return row
+
+
+def complete_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a `paper.json` written before a column existed, given that column from their own figures
+    (the speed-up against row 5 is row 5's median latency over the row's), so `--rebuild` renders them."""
+    by_id = {r["id"]: r for r in rows}
+    fine_tuned = by_id.get(FINE_TUNED_BASELINE, {}).get("latency_p50_s")
+    for r in rows:
+        if "speedup_vs_ft" not in r:
+            r["speedup_vs_ft"] = _round(ratio(fine_tuned, r.get("latency_p50_s")), ROUNDING["speedup_vs_ft"])
+        r.setdefault("merged", False)
+    for condition in CONDITIONS:
+        if condition.id not in by_id:
+            rows.append(_row(Measurement(condition=condition, note="this run predates the row"), {}))
+    order = {c.id: i for i, c in enumerate(CONDITIONS)}
+    rows.sort(key=lambda r: order.get(r["id"], len(order)))
     return rows
 
 
