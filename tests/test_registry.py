@@ -65,6 +65,23 @@ def test_the_registry_raises_domain_errors(registry: PromptRegistry) -> None:
         assert not isinstance(caught.value, APIError)  # the data layer knows nothing of HTTP
 
 
+def test_a_prompt_is_read_from_one_snapshot(database_url: str) -> None:
+    """A prompt is read with its versions and jobs by three SELECTs: they see one state of the database even
+    when another replica commits between them (SQLite's driver would run each SELECT on its own)."""
+    reader, writer = PromptRegistry(database_url), PromptRegistry(database_url)
+    try:
+        reader.create("snap", "chat", TEMPLATE, [])
+        with reader._snapshot() as s:
+            assert reader._load(s, "snap").versions == []
+            writer.allocate_version("snap", "loading", "upload")  # committed meanwhile, by another replica
+            s.expire_all()
+            assert reader._load(s, "snap").versions == []
+        assert [v.version for v in reader.get("snap").versions] == [1]
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_concurrent_allocations_are_unique_and_contiguous(database_url: str, tmp_path: Path) -> None:
     """Two registries on one database (two replicas) and 16 threads: no error, no gap, no duplicate."""
     url = database_url

@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, create_engine, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, create_engine, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -276,12 +277,26 @@ class PromptRegistry:
                 raise ConflictError(f"prompt '{name}' already exists", param="name", code="prompt_exists") from exc
             return self.get(name)
 
-    def get(self, name: str) -> PromptRecord:
+    @contextmanager
+    def _snapshot(self) -> Iterator[Session]:
+        """A read-only session whose SELECTs all see one snapshot of the database: a prompt read with its versions
+        and jobs (three SELECTs) never mixes states from before and after another writer's commit. PostgreSQL
+        runs it at REPEATABLE READ (a read-only transaction there never fails to serialise); SQLite's driver
+        starts no transaction for a SELECT by itself, so this one begins it (in WAL mode readers never block
+        writers). The session's end rolls it back."""
         with self._session() as s:
+            if self.engine.dialect.name == "sqlite":
+                s.execute(text("BEGIN"))
+            else:
+                s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield s
+
+    def get(self, name: str) -> PromptRecord:
+        with self._snapshot() as s:
             return _prompt(self._load(s, name))
 
     def all(self) -> list[PromptRecord]:
-        with self._session() as s:
+        with self._snapshot() as s:
             rows = s.scalars(
                 select(PromptRow).order_by(PromptRow.name)
                 .options(selectinload(PromptRow.versions), selectinload(PromptRow.jobs))
