@@ -347,3 +347,37 @@ def test_lora_slots_are_sized_to_the_largest_adapter_rank_vllm_accepts(tmp_path:
     assert lora_rank_limit([], 16) == 16
     with pytest.raises(InvalidAdapter, match="exceeds"):
         lora_rank_limit([_adapter_folder(tmp_path, "d", 32)], 16)
+
+
+def test_row_8_serves_an_adapter_named_by_a_path_relative_to_the_working_folder(
+        tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 8 as `bench paper` runs it (the trainer's adapter under ./adapters, the real gateway in front of the
+    engine), on the tiny model: the prompt is registered with the adapter, and every request takes the adapter
+    route."""
+    from types import SimpleNamespace
+
+    from benchmarks.paper.adapters import AdapterInfo
+    from benchmarks.paper.inputs import Workload
+    from benchmarks.paper.measure import measure_through_gateway
+    from benchmarks.paper.options import Progress
+    from tests.conftest import gateway_settings
+    from trainer.lora import random_lora
+
+    monkeypatch.chdir(tmp_path)
+    random_lora(tiny_model_path, tmp_path / "adapters" / "row8" / "v1", seed=0)
+    adapter = AdapterInfo("promptintern", Path("adapters/row8/v1"), "trained now", "k" * 64, None, None)
+    examples = "\n".join(f"Input: {q}\nOutput: {a}" for q, a in (("count lines in a.txt", "wc -l a.txt"),
+                                                                  ("show disk usage", "du -sh ."),
+                                                                  ("print the working folder", "pwd")))
+    messages = [{"role": "system", "content": f"Translate the request into one bash command.\n{examples}"},
+                {"role": "user", "content": "Input: {query}\nOutput:"}]
+    example = SimpleNamespace(name="row8", registration=lambda: {"name": "row8", "messages": messages})
+    full = [[messages[0], {"role": "user", "content": f"Input: {q}\nOutput:"}] for q in ("list files", "show date")]
+    work = Workload(queries=["list files", "show date"], references=[["ls"], ["date"]], inputs={"full": full},
+                    warmup={"full": full[:1]}, throughput_requests=2)
+    settings = gateway_settings(tmp_path, tiny_model_path, engine="embedded")
+    row8 = next(c for c in CONDITIONS if c.gateway)
+    m = measure_through_gateway(settings, row8, example, adapter, work, 4, tmp_path / "run", Progress())
+    assert m.n == 2 and m.input_tokens is not None and m.original_input_tokens is not None
+    assert m.input_tokens < m.original_input_tokens  # the gateway stripped the prompt: the adapter route
+    assert m.note == "all 5 requests sent the full prompt over HTTP and took the adapter route"

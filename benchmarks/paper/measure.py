@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from benchmarks.paper.adapters import AdapterInfo
 from benchmarks.paper.conditions import Condition, Measurement
 from benchmarks.paper.inputs import Messages, Workload, input_key
-from benchmarks.paper.options import CONCURRENCY, SAMPLES, STOP, WARMUP, Progress, clock
+from benchmarks.paper.options import CONCURRENCY, SAMPLES, STOP, Progress, clock
 from benchmarks.paper.scoring import bootstrap_bleu
 from core.config import Settings
 from gateway.engines.base import Engine, EngineRequest, SamplingParams, TextDelta, Usage
@@ -167,17 +167,21 @@ async def measure_on_engine(settings: Settings, conditions: Sequence[Condition],
 
 def measure_through_gateway(settings: Settings, condition: Condition, example: Any, adapter: AdapterInfo,
                             work: Workload, max_new_tokens: int, root: Path, progress: Progress) -> Measurement:
-    """Row 8: the real gateway on the same engine, the worked-example prompt registered with its adapter."""
+    """Row 8: the real gateway on the same engine, the worked-example prompt registered with its adapter (an
+    absolute path inside the gateway's import folder: a relative one is read relative to that folder)."""
+    adapter_path = adapter.path.resolve()
     gateway_settings = settings.model_copy(update={
         "data_dir": root / "gateway-data", "adapter_dir": root / "gateway-adapters",
         "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(), "host": "127.0.0.1", "api_keys": [],
-        "model_aliases": [], "import_dir": adapter.path.parent})
+        "model_aliases": [], "import_dir": adapter_path.parent})
     progress.say(f"row {condition.number}: starting the gateway ({settings.engine} engine) and registering "
                  f"{example.name!r} with {adapter.path}")
     with LocalGateway(gateway_settings) as gateway:
         with gateway.admin() as admin:
-            response = admin.post("/v1/prompts", json={**example.registration(), "adapter_path": str(adapter.path)})
-            response.raise_for_status()
+            response = admin.post("/v1/prompts", json={**example.registration(), "adapter_path": str(adapter_path)})
+            if response.status_code != 201:
+                raise RuntimeError(f"registering {example.name!r} with {adapter_path}: {response.status_code} "
+                                   f"{response.text}")
             status = response.json().get("status")
             if status != "ready":
                 raise RuntimeError(f"the registered prompt is {status!r}, not ready")
@@ -193,7 +197,7 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
                 return await measure(condition, send, work, progress)
 
         m = asyncio.run(go())
-    total = WARMUP + m.n + work.throughput_requests
+    total = len(work.warmup[input_key(condition)]) + m.n + work.throughput_requests
     m.note = f"all {total} requests sent the full prompt over HTTP and took the adapter route"
     return m
 
