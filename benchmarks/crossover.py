@@ -351,7 +351,7 @@ def run(settings: Settings, options: CrossoverOptions) -> Path:
         "answer_tokens": ANSWER_TOKENS, "answer_checked": True, "minutes": None, "partial": True,
         "requests": {str(c): options.requests_at(c) for c in CONCURRENCY}, "cell_budget_s": options.cell_budget_s,
         "not_applicable": {name: NOT_APPLICABLE[name] for name in options.engines if name in NOT_APPLICABLE},
-        "cells": [], "cut": [], "gateway": [],
+        "engine_minutes": {}, "cells": [], "cut": [], "gateway": [],
     }
     recorder = Recorder(doc, options.out)
     with tempfile.TemporaryDirectory(prefix="promptintern-crossover-") as tmp:
@@ -359,12 +359,14 @@ def run(settings: Settings, options: CrossoverOptions) -> Path:
         _say("writing a random LoRA adapter (rank 8, q/k/v/o)")
         adapter = random_lora(model_dir, root / "data" / "import" / "adapter", seed=0)
         engine_settings = settings.model_copy(update={"max_model_len": MAX_MODEL_LEN})
-        for name in ENGINES:
-            if name == EMBEDDED and name in options.engines:
+        for name in (n for n in ENGINES if n in options.engines):
+            engine_started = time.monotonic()
+            if name == EMBEDDED:
                 asyncio.run(_embedded(engine_settings, counter, adapter, options, recorder))
-            elif name == VLLM and name in options.engines:
+            else:
                 _vllm(engine_settings, root, model_dir, counter, adapter, options, recorder)
-            _say(f"{time.monotonic() - started:.0f} s so far")
+            doc["engine_minutes"][name] = round((time.monotonic() - engine_started) / 60, 1)
+            _say(f"{ENGINE_TITLES[name]} done in {doc['engine_minutes'][name]} minutes")
     doc["minutes"] = round((time.monotonic() - started) / 60, 1)
     del doc["partial"]
     out = write_results(doc, options.out)
@@ -387,6 +389,8 @@ async def _embedded(settings: Settings, counter: TokenCounter, adapter: Path, op
                                          f"{engine.threads} torch threads")
     try:
         await engine.load_adapter("bench@v1", adapter)
+        shortest = parse_template(messages=prompt_messages(counter, min(options.lengths)))
+        await measure(engine, EMBEDDED, "warm-up", None, [full_chat(shortest, queries(1)[0])], None, 1)
         await _lengths(engine, EMBEDDED, counter, options, recorder)
         await _internalised([(LORA, engine, "bench@v1"), (BARE, engine, None)], EMBEDDED, counter, options,
                             recorder)
@@ -604,7 +608,9 @@ def _engine_lines(doc: dict[str, Any], name: str) -> list[str]:
     cells = _cells_of(doc)
     lengths = _lengths_of(doc)
     na: dict[str, str] = doc["not_applicable"].get(name, {})
-    lines = [f"#### {ENGINE_TITLES[name]}: {doc['engines'][name]}", ""]
+    minutes = doc.get("engine_minutes", {}).get(name)
+    lines = [f"#### {ENGINE_TITLES[name]}: {doc['engines'][name]}"
+             + ("" if minutes is None else f" ({minutes} minutes)"), ""]
     if name == VLLM:
         lines.append("The full prompt, the adapter and the bare query run on one LoRA-enabled vLLM, the merged "
                      "adapter on a vLLM without LoRA (the one the gateway starts): the gap between the merged "
