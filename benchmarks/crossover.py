@@ -589,8 +589,8 @@ def render_readme_section(doc: dict[str, Any]) -> str:
         f"tokens, `ignore_eos`{' (every answer checked to have that many)' if doc.get('answer_checked') else ''}, "
         "greedy; one engine busy at a time; "
         f"{doc['minutes'] if doc.get('minutes') is not None else '?'} minutes). Median latency in seconds "
-        f"(requests per second at concurrency 8); {requests['1']} requests per cell at concurrency 1 and "
-        f"{requests['8']} at concurrency 8 unless listed. The internalised routes send the bare query whatever "
+        f"(requests per second at concurrency 8); requests per cell: {requests['1']} at concurrency 1, "
+        f"{requests['8']} at concurrency 8, unless listed. The internalised routes send the bare query whatever "
         "the prompt's length: measured once per concurrency and engine.",
     ]
     if doc.get("partial"):
@@ -656,15 +656,17 @@ def _engine_lines(doc: dict[str, Any], name: str) -> list[str]:
                 lat = crossover(doc, route, concurrency, "p50_s", name, against)
                 thr = crossover(doc, route, concurrency, "throughput_rps", name, against)
                 lines.append(f"- {route} against the {against}, concurrency {concurrency}: latency "
-                             f"{_from(lat, measured)}, throughput {_from(thr, measured)}.")
+                             f"{_from(lat, measured, max(lengths))}, throughput {_from(thr, measured, max(lengths))}.")
     return [*lines, "", *_why(doc, name)]
 
 
-def _from(length: int | None, measured: list[int]) -> str:
+def _from(length: int | None, measured: list[int], longest: int) -> str:
+    """"from N tokens" or "not within M tokens", with how far it was measured when short of `longest`."""
     if not measured:
         return "not measured"
-    upto = f" (measured up to {max(measured):,})" if max(measured) < max(LENGTHS) else ""
-    return (f"from {length} tokens" if length is not None else f"not within {max(measured):,} tokens") + upto
+    if length is None:
+        return f"not within {max(measured):,} tokens"
+    return f"from {length} tokens" + (f" (measured up to {max(measured):,})" if max(measured) < longest else "")
 
 
 def _slope(points: list[tuple[float, float]]) -> float | None:
