@@ -764,7 +764,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                         ys.append(cell["p50_s"])
                 if xs:
                     ax.plot(xs, ys, marker="o", linestyle="--" if condition in INTERNALISED else "-",
-                            label=condition)
+                            color=f"C{CONDITIONS.index(condition)}", label=condition)  # one colour per condition
             ax.set_xscale("log")
             ax.minorticks_off()
             ax.set_xticks(lengths, [str(n) for n in lengths])
