@@ -145,9 +145,11 @@ def cmd_crossover(args: argparse.Namespace) -> int:
     if args.rebuild:
         crossover.rebuild(args.out)
         return 0
+    engines = crossover.ENGINES if args.engine == "both" else (args.engine,)
     crossover.run(Settings(), crossover.CrossoverOptions(quick=args.quick, requests=args.requests,
                                                          lengths=tuple(args.lengths), fast_start=args.fast_start,
-                                                         out=args.out))
+                                                         out=args.out, engines=engines,
+                                                         cell_budget_s=args.cell_budget))
     return 0
 
 
@@ -320,20 +322,29 @@ def _add_paper(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _add_crossover(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from benchmarks.crossover import DEFAULT_OUT, LENGTHS
+    from benchmarks.crossover import CELL_BUDGET_S, DEFAULT_OUT, LENGTHS
 
-    p = targets.add_parser("crossover", help="from which prompt length internalising beats prefix caching (vLLM)",
+    p = targets.add_parser("crossover", help="from which prompt length internalising beats prefix caching (vLLM and "
+                                             "the embedded engine)",
                            description="Full prompt (without and with prefix caching), adapter (LoRA), merged "
                                        "adapter and bare query on the base model, at prompt lengths x concurrency "
-                                       "1 and 8, 32 answer tokens; then the adapter route through the gateway "
-                                       "(LoRA and merged) at a ~2,000-token prompt. Writes crossover.json, "
+                                       "1 and 8, 32 answer tokens, on the embedded engine (no prefix cache, no "
+                                       "merged serving: those are reported as not applicable) and on vLLM; then "
+                                       "the adapter route through the gateway on vLLM (LoRA and merged) at a "
+                                       "~2,000-token prompt. Writes crossover.json (after every cell), "
                                        "crossover.png and readme_section.md.")
+    p.add_argument("--engine", choices=("vllm", "embedded", "both"), default="both",
+                   help="the engines measured, one JSON for both (default both: the embedded engine, then vLLM)")
     p.add_argument("--quick", action="store_true",
                    help="2 requests per cell at concurrency 1 and 8 at concurrency 8; the full prompt without "
                         "caching at concurrency 8 only up to 1,000 tokens")
     p.add_argument("--requests", type=count, default=None, help="requests per cell at concurrency 1 (default 4)")
     p.add_argument("--lengths", type=count, nargs="+", default=list(LENGTHS),
                    help="recurring prompt lengths in tokens (default 250 500 1000 2000 4000)")
+    p.add_argument("--cell-budget", type=count, default=int(CELL_BUDGET_S),
+                   help="seconds one cell may take: at concurrency 1 no request is sent that would end past it, at "
+                        "concurrency 8 a cell that would overrun it at concurrency 1's pace is skipped; both are "
+                        f"listed in the report (default {CELL_BUDGET_S:.0f})")
     p.add_argument("--fast-start", action="store_true",
                    help="vLLM engines in eager mode (start in about a minute, serve slower)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")

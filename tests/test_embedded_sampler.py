@@ -111,6 +111,7 @@ def _request(kind: str = "chat", n: int = 1, **extra: Any) -> EngineRequest:
     {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "parallel_tool_calls": True},
     {"top_k": -1, "min_p": 0, "repetition_penalty": 1, "skip_special_tokens": True, "add_special_tokens": False},
     {"response_format": {"type": "text"}, "logit_bias": {}, "cache_salt": "s"},
+    {"ignore_eos": True, "min_tokens": 0},
 ])
 def test_fields_at_values_the_engine_honours_pass(extra: dict[str, Any]) -> None:
     refuse_unhonoured_fields(_request(**extra), "embedded")
@@ -175,6 +176,26 @@ def test_greedy_loop_equals_transformers_generate(base_model_path: Path, tmp_pat
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert text == tokenizer.decode(expected, skip_special_tokens=True)
         assert events[-1] == Finished(0, "stop" if tokenizer.eos_token_id in expected else "length")
+
+
+@pytest.mark.model
+def test_ignore_eos_decodes_past_the_end_to_max_new(base_model_path: Path) -> None:
+    """vLLM's `ignore_eos` (a fixed answer length, as benchmarks ask): the same greedy tokens up to the end of
+    sequence, which is kept, then decoding goes on to `max_new`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32).eval()
+    ids = _chat_ids(tokenizer, PROMPTS[1])
+    eos = tokenizer.eos_token_id
+    loop = DecodeLoop(model, tokenizer, {eos})
+    [ends] = loop.add(ids, SamplingParams(temperature=0.0), 48)
+    [goes_on] = loop.add(ids, SamplingParams(temperature=0.0), 48, ignore_eos=True)
+    while loop.live:
+        loop.step()
+    assert ends.finish_reason == "stop" and len(ends.generated) < 47  # the short answer ends on its own
+    assert goes_on.finish_reason == "length" and len(goes_on.generated) == 48
+    assert goes_on.generated[:len(ends.generated) + 1] == [*ends.generated, eos]
 
 
 # -- the engine on the tiny model ---------------------------------------------------------------

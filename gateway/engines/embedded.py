@@ -357,7 +357,8 @@ class EmbeddedEngine:
             if rows and (rows + n > self.max_batch_rows or (rows + n) * length > self.max_batch_tokens):
                 return
             self._waiting.popleft()
-            job.sequences = self._decode.add(job.prompt_ids, job.request.params, job.max_new, adapter=job.adapter, n=n)
+            job.sequences = self._decode.add(job.prompt_ids, job.request.params, job.max_new, adapter=job.adapter, n=n,
+                                             ignore_eos=job.request.extra.get("ignore_eos") is True)
             self._owners.update((s, job) for s in job.sequences)
             self._running.append(job)
             rows, longest = rows + n, length

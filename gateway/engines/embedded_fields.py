@@ -36,7 +36,7 @@ HONOURED: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (1.0,),
     "length_penalty": (1.0,),
     "min_tokens": (0,),
-    "ignore_eos": (False,),
+    "ignore_eos": (False, True),  # honoured: decoding goes on past end-of-sequence to max_tokens
     "stop_token_ids": ([],),
     "bad_words": ([],),
     "include_stop_str_in_output": (False,),

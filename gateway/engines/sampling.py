@@ -52,6 +52,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     holdback: StopStringHoldback
     adapter: str | None = None  # the peft adapter name of this row; None: the base model
+    ignore_eos: bool = False  # vLLM's `ignore_eos`: an end-of-sequence token is kept and decoding goes on
     generated: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
     logits: Any = None
@@ -76,12 +77,13 @@ class DecodeLoop:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def add(self, prompt_ids: list[int], params: SamplingParams, max_new: int, *, adapter: str | None = None,
-            n: int = 1) -> list[Sequence]:
-        """Start `n` choices of one prompt (indices 0..n-1); they join the batch at the next step."""
+            n: int = 1, ignore_eos: bool = False) -> list[Sequence]:
+        """Start `n` choices of one prompt (indices 0..n-1); they join the batch at the next step. With
+        `ignore_eos` they end only at `max_new` tokens or a stop string (a fixed answer length, as vLLM's)."""
         group = [Sequence(index=index, prompt_ids=prompt_ids, params=params, max_new=max_new,
                           generator=seeded_generator(params.seed, index),
                           detokenizer=IncrementalDetokenizer(self.tokenizer),
-                          holdback=StopStringHoldback(params.stop), adapter=adapter)
+                          holdback=StopStringHoldback(params.stop), adapter=adapter, ignore_eos=ignore_eos)
                  for index in range(n)]
         self.pending.append(group)
         return group
@@ -173,7 +175,7 @@ class DecodeLoop:
 
     def _advance(self, sequence: Sequence) -> list[TextDelta | Finished]:
         token = choose_token(sequence.logits, sequence.params, sequence.counts, sequence.generator)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not sequence.ignore_eos:
             return self._finish(sequence, "stop")
         sequence.generated.append(token)
         sequence.counts[token] = sequence.counts.get(token, 0) + 1
