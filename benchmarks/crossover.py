@@ -609,8 +609,8 @@ def _engine_lines(doc: dict[str, Any], name: str) -> list[str]:
     lengths = _lengths_of(doc)
     na: dict[str, str] = doc["not_applicable"].get(name, {})
     minutes = doc.get("engine_minutes", {}).get(name)
-    lines = [f"#### {ENGINE_TITLES[name]}: {doc['engines'][name]}"
-             + ("" if minutes is None else f" ({minutes} minutes)"), ""]
+    lines = [f"#### {ENGINE_TITLES[name]}", "",
+             f"Engine: {doc['engines'][name]}" + ("" if minutes is None else f"; {minutes} minutes") + ".", ""]
     if name == VLLM:
         lines.append("The full prompt, the adapter and the bare query run on one LoRA-enabled vLLM, the merged "
                      "adapter on a vLLM without LoRA (the one the gateway starts): the gap between the merged "

