@@ -442,3 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":  # `python -m gateway.cli`, the same as the `promptintern` script
+    main()
