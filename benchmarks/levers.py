@@ -95,28 +95,29 @@ class Config:
 
 
 def configurations(quick: bool = False) -> list[Config]:
-    """Every configuration, in the order run. Under --quick every engine is eager, so the two configurations
-    that exist to show eager mode are dropped."""
+    """Every configuration, in the order run: the baseline and the levers most likely to matter first (results
+    are written after each, so a run cut short keeps those). Under --quick every engine is eager, so the two
+    configurations that exist to show eager mode are dropped."""
     qkvo_modules = ("--lora-target-modules", *QKVO_TARGETS)
     configs = [
         Config("plain", "plain vLLM, no --enable-lora (the baseline)", (BARE,), lora=False),
-        Config("plain-eager", "plain vLLM, eager (--enforce-eager -O0)", (BARE,), lora=False, eager=True),
         Config("lora", "LoRA, the gateway's defaults (--max-lora-rank 16 --max-loras 4)",
                (BARE, QKVO, QV, ALTERNATING), quality=True),
+        Config("modules-qkvo", "--lora-target-modules q_proj k_proj v_proj o_proj (none on MLP, embeddings, lm_head)",
+               (BARE, QKVO, QV), extra_args=qkvo_modules),
+        Config("merged", "q,k,v,o adapter merged into the weights, plain vLLM", (MERGED,), lora=False,
+               merged=True, quality=True),
         Config("rank8", "--max-lora-rank 8 (= the adapters' rank)", (BARE, QKVO, QV), max_lora_rank=8),
         Config("loras1", "--max-loras 1 (--max-cpu-loras defaults to it)", (BARE, QKVO, QV, ALTERNATING),
                max_loras=1),
         Config("loras1-cpu2", "--max-loras 1 --max-cpu-loras 2", (BARE, ALTERNATING), max_loras=1,
                extra_args=("--max-cpu-loras", "2")),
-        Config("modules-qkvo", "--lora-target-modules q_proj k_proj v_proj o_proj (no LoRA on the MLP)",
-               (BARE, QKVO, QV), extra_args=qkvo_modules),
         Config("modules-qv", "--lora-target-modules q_proj v_proj (LoRA on the packed qkv_proj only)", (BARE, QV),
                extra_args=("--lora-target-modules", *FEWER_TARGETS)),
         Config("combined", "--max-lora-rank 8 --max-loras 1 --lora-target-modules q_proj k_proj v_proj o_proj",
                (BARE, QKVO, QV), max_lora_rank=8, max_loras=1, extra_args=qkvo_modules),
+        Config("plain-eager", "plain vLLM, eager (--enforce-eager -O0)", (BARE,), lora=False, eager=True),
         Config("lora-eager", "LoRA defaults, eager (--enforce-eager -O0)", (BARE, QKVO, QV), eager=True),
-        Config("merged", "q,k,v,o adapter merged into the weights, plain vLLM", (MERGED,), lora=False,
-               merged=True, quality=True),
     ]
     if quick:
         configs = [Config(**{**asdict(c), "eager": True}) for c in configs if c.key not in ("plain-eager",
@@ -212,10 +213,17 @@ def run(settings: Settings, options: LeversOptions) -> Path:
             eta = f", ETA {clock((time.monotonic() - measuring) / i * (len(configs) - i))}" if i else ""
             progress.say(f"configuration {i + 1}/{len(configs)}: {config.key}{eta}")
             served = model_dir
-            if config.merged:
-                served = _merged_model(model_dir, paths[QKVO], root / "merged", progress)
-            cells, quality = _measure_config(settings, served, config, paths, targets, example, options, root,
-                                             progress)
+            try:
+                if config.merged:
+                    served = _merged_model(model_dir, paths[QKVO], root / "merged", progress)
+                cells, quality = _measure_config(settings, served, config, paths, targets, example, options, root,
+                                                 progress)
+            except Exception as exc:  # one configuration failing (a start, a refused flag) must not lose the rest
+                progress.say(f"{config.key} failed: {type(exc).__name__}: {exc}")
+                doc.setdefault("failed", []).append({"key": config.key, "error": f"{type(exc).__name__}: "
+                                                                                  f"{str(exc)[-500:]}"})
+                write_results(doc, options.out)
+                continue
             doc["configs"].append({**asdict(config), "command": " ".join(command_line(settings, served, config)[1:])})
             doc["cells"] += [asdict(c) for c in cells]
             doc["quality"] += [asdict(q) for q in quality]
@@ -434,7 +442,11 @@ def render_readme_section(doc: dict[str, Any]) -> str:
         f"start per configuration, one engine busy at a time; {doc['minutes']} minutes).{partial} Overhead: "
         "median latency of the route against the bare query on the base model, (a) on the same engine, (b) on "
         "the plain vLLM without `--enable-lora` (of the same compile mode). The goal is at most "
-        f"+{GOAL:.0f}% against (b).",
+        f"+{GOAL:.0f}% against (b). What the flags do in vLLM 0.32: with `--enable-lora` every linear layer "
+        "(for Llama: `qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`) and the embeddings and `lm_head` get a LoRA "
+        "wrapper whatever the adapters target, and each token goes through all of them; `--lora-target-modules` "
+        "wraps only the modules listed; `--max-lora-rank` sizes every slot; `--max-loras` is how many adapters "
+        "one batch may mix; `--max-cpu-loras` how many stay loaded in host memory.",
         "",
         "Each lever's effect side by side (overhead against the plain vLLM, (b)):",
         "",
@@ -477,6 +489,8 @@ def render_readme_section(doc: dict[str, Any]) -> str:
                 plain = None if key.startswith("plain") else overhead(doc, key, route, concurrency, "plain")
                 row += [_pct(same), _pct(plain)]
             lines.append(f"| {key} | {route} | " + " | ".join(row) + " |")
+    for failed in doc.get("failed", []):
+        lines += ["", f"`{failed['key']}` failed and is not in the tables: {failed['error'].splitlines()[-1]}"]
     lines += ["", *_quality_lines(doc), "", *_reading(doc), ""]
     lines += ["The command lines (one per configuration):", "", "```"]
     lines += [f"{c['key']}: {c['command']}" for c in configs]

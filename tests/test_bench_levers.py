@@ -137,8 +137,11 @@ def test_the_readme_section_puts_the_levers_side_by_side(tmp_path: Path) -> None
 
 
 def test_a_partial_run_says_so() -> None:
-    partial = doc() | {"complete": False}
-    assert "**Partial: the run stopped before every configuration ran.**" in render_readme_section(partial)
+    partial = doc() | {"complete": False, "failed": [{"key": "loras1", "error": "RuntimeError: vLLM exited with 1:\n"
+                                                                        "ValueError: bad flag"}]}
+    text = render_readme_section(partial)
+    assert "**Partial: the run stopped before every configuration ran.**" in text
+    assert "`loras1` failed and is not in the tables: ValueError: bad flag" in text
 
 
 @pytest.mark.skipif(not (RESULTS / "levers.json").exists(), reason="no committed levers results")
