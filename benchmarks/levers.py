@@ -426,7 +426,7 @@ def overhead(doc: dict[str, Any], config: str, route: str, concurrency: int, aga
 
 
 def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.0f}%"
+    return "–" if value is None else f"{value + 0.0 if round(value) else 0.0:+.0f}%"  # no "-0%"
 
 
 def render_readme_section(doc: dict[str, Any]) -> str:
