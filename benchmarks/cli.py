@@ -168,6 +168,7 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_discovery(targets)
     _add_traffic(targets)
     _add_crossover(targets)
+    _add_levers(targets)
 
 
 def _add_traffic(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -350,3 +351,38 @@ def _add_crossover(targets: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")
     p.add_argument("--rebuild", action="store_true", help="re-render the plot and readme_section.md from --out's JSON")
     p.set_defaults(func=_guarded(cmd_crossover, plots=True))
+
+
+def cmd_levers(args: argparse.Namespace) -> int:
+    from benchmarks import levers
+
+    if args.rebuild:
+        levers.rebuild(args.out)
+        return 0
+    levers.run(Settings(), levers.LeversOptions(quick=args.quick, requests=args.requests, test_rows=args.test_rows,
+                                                configs=tuple(args.configs) if args.configs else None,
+                                                out=args.out))
+    return 0
+
+
+def _add_levers(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from benchmarks.levers import CONFIG_KEYS, DEFAULT_OUT
+
+    p = targets.add_parser("levers", help="what brings LoRA's serving overhead down on vLLM, side by side",
+                           description="Two NL2Bash adapters (demo schedule, rank 8; targets q,k,v,o and q,v) "
+                                       "scored on the test rows, then one vLLM start per configuration (plain, "
+                                       "LoRA defaults, --max-lora-rank 8, --max-loras 1, --max-cpu-loras, "
+                                       "--lora-target-modules, eager, merged): the bare query and each adapter "
+                                       "at concurrency 1 and 8, 32 answer tokens. Writes levers.json and "
+                                       "readme_section.md.")
+    p.add_argument("--quick", action="store_true",
+                   help="every engine eager (the eager-only configurations dropped), 2 requests per route at "
+                        "concurrency 1 and 8 at 8, 8 test rows")
+    p.add_argument("--requests", type=count, default=None,
+                   help="requests per route at concurrency 1 (default 6; concurrency 8 sends 16)")
+    p.add_argument("--test-rows", type=count, default=None, help="NL2Bash test rows scored per adapter (default 40)")
+    p.add_argument("--configs", nargs="+", choices=CONFIG_KEYS, default=None, metavar="KEY",
+                   help=f"run only these configurations (default all: {' '.join(CONFIG_KEYS)})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")
+    p.add_argument("--rebuild", action="store_true", help="re-render readme_section.md from --out's levers.json")
+    p.set_defaults(func=_guarded(cmd_levers))
