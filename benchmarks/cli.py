@@ -361,7 +361,7 @@ def cmd_levers(args: argparse.Namespace) -> int:
         return 0
     levers.run(Settings(), levers.LeversOptions(quick=args.quick, requests=args.requests, test_rows=args.test_rows,
                                                 configs=tuple(args.configs) if args.configs else None,
-                                                out=args.out))
+                                                out=args.out, resume=args.resume))
     return 0
 
 
@@ -384,5 +384,8 @@ def _add_levers(targets: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--configs", nargs="+", choices=CONFIG_KEYS, default=None, metavar="KEY",
                    help=f"run only these configurations (default all: {' '.join(CONFIG_KEYS)})")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the results folder (default {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the configurations --out's levers.json has measured and run only the missing ones "
+                        "(same --quick and --requests; the section says which sitting measured what)")
     p.add_argument("--rebuild", action="store_true", help="re-render readme_section.md from --out's levers.json")
     p.set_defaults(func=_guarded(cmd_levers))

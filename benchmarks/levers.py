@@ -60,6 +60,7 @@ class LeversOptions:
     test_rows: int | None = None  # NL2Bash test rows scored per adapter (default 40; --quick 8)
     configs: tuple[str, ...] | None = None  # configuration keys to run (default: all)
     out: Path = DEFAULT_OUT
+    resume: bool = False  # keep --out's measured configurations, measure only the missing ones
 
     @property
     def requests_c1(self) -> int:
@@ -180,6 +181,13 @@ def run(settings: Settings, options: LeversOptions) -> Path:
     from trainer.nl2bash import build
 
     configs = [c for c in configurations(options.quick) if options.configs is None or c.key in options.configs]
+    earlier = _earlier_run(options) if options.resume else None
+    if earlier is not None:
+        done = {c["key"] for c in earlier["configs"]}
+        configs = [c for c in configs if c.key not in done]
+        if not configs:
+            raise BenchInputError(f"{options.out / 'levers.json'} has every configuration asked for already: "
+                                  "nothing to resume")
     if not configs:
         raise BenchInputError(f"no configuration left to run (--quick drops plain-eager and lora-eager); "
                               f"choose among {', '.join(c.key for c in configurations(options.quick))}")
@@ -204,6 +212,17 @@ def run(settings: Settings, options: LeversOptions) -> Path:
                      for route, (targets, info) in adapters.items()},
         "configs": [], "cells": [], "quality": [], "complete": False, "minutes": 0.0,
     }
+    sitting = {"started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "configs": [c.key for c in configs]}
+    if earlier is not None:
+        # The earlier run's figures stay as they were measured; this sitting adds the configurations it lacked.
+        doc = {**earlier, "complete": False,
+               "failed": [f for f in earlier.get("failed", []) if f["key"] not in sitting["configs"]],
+               "sittings": [*earlier.get("sittings", [{"started": earlier["date"],
+                                                        "configs": [c["key"] for c in earlier["configs"]]}]),
+                            sitting]}
+        started -= 60 * float(earlier.get("minutes", 0.0))  # minutes count both sittings
+    else:
+        doc["sittings"] = [sitting]
     paths = {route: info.path for route, (_, info) in adapters.items()}
     targets = {route: list(t) for route, (t, _) in adapters.items()} | {MERGED: list(adapters[QKVO][0])}
     measuring = time.monotonic()
@@ -234,6 +253,21 @@ def run(settings: Settings, options: LeversOptions) -> Path:
     progress.say(f"wrote {out}/levers.json and readme_section.md")
     print(render_readme_section(doc))
     return out
+
+
+def _earlier_run(options: LeversOptions) -> dict[str, Any]:
+    """--out's levers.json, to resume: it must have been measured with the same mode and requests."""
+    path = options.out / "levers.json"
+    if not path.is_file():
+        raise BenchInputError(f"--resume: {path} does not exist; run `promptintern bench levers --out "
+                              f"{options.out}` first")
+    doc: dict[str, Any] = json.loads(path.read_text())
+    requests = {str(c): options.requests_at(c) for c in CONCURRENCY}
+    mode = "quick" if options.quick else "full"
+    if doc.get("mode") != mode or doc.get("requests") != requests:
+        raise BenchInputError(f"--resume: {path} was measured in mode {doc.get('mode')} with requests "
+                              f"{doc.get('requests')}; give the same flags (here: mode {mode}, requests {requests})")
+    return doc
 
 
 def _adapters(settings: Settings, example: Any, progress: Progress) -> dict[str, tuple[tuple[str, ...], Any]]:
@@ -322,7 +356,8 @@ async def _timed(engine: VLLMEngine, batch: Sequence[list[dict[str, str]]], name
     """Latencies, times to first token, times per answer token and wall time of `batch` at `concurrency`,
     request i on adapter names[i] (crossover's timing: `ANSWER_TOKENS` tokens, `ignore_eos`, greedy)."""
     if len(set(names)) == 1:
-        lat, ttft, tpot, wall, _, _ = await _cell(engine, list(batch), names[0], concurrency, salted=False)
+        lat, ttft, tpot, wall, _, _ = await _cell(engine, list(batch), names[0], concurrency, salted=False,
+                                                  deadline=None)
         return lat, ttft, tpot, wall
     # Alternating adapters: one sub-batch per adapter, all sharing one concurrency limit.
     semaphore = asyncio.Semaphore(concurrency)
@@ -332,7 +367,7 @@ async def _timed(engine: VLLMEngine, batch: Sequence[list[dict[str, str]]], name
 
     async def one(messages: list[dict[str, str]], name: str | None) -> None:
         async with semaphore:
-            a, b, c, _, _, _ = await _cell(engine, [messages], name, 1, salted=False)
+            a, b, c, _, _, _ = await _cell(engine, [messages], name, 1, salted=False, deadline=None)
         lats.extend(a)
         ttfts.extend(b)
         tpots.extend(c)
@@ -429,6 +464,16 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value + 0.0 if round(value) else 0.0:+.0f}%"  # no "-0%"
 
 
+def _sittings(doc: dict[str, Any]) -> str:
+    """How a resumed run was measured: each sitting's start and configurations (nothing for one sitting)."""
+    sittings = doc.get("sittings", [])
+    if len(sittings) < 2:
+        return ""
+    parts = [f"{s['started']}: {', '.join(s['configs'])}" for s in sittings]
+    return (f"; measured in {len(sittings)} sittings ({'; '.join(parts)}), so overhead (b) of a configuration "
+            "may compare engines measured in different sittings, while (a) is always within one engine")
+
+
 def render_readme_section(doc: dict[str, Any]) -> str:
     cells = _cells_of(doc)
     configs = doc["configs"]
@@ -439,7 +484,8 @@ def render_readme_section(doc: dict[str, Any]) -> str:
         f"`{doc['command']}` on {doc['date']} ({doc['machine']}; {doc['engine']}; {doc['model']}; mode "
         f"{doc['mode']}; {doc['answer_tokens']} answer tokens, `ignore_eos`, greedy; {doc['requests']['1']} "
         f"requests per route at concurrency 1, {doc['requests']['8']} at 8, after a warm-up request; one vLLM "
-        f"start per configuration, one engine busy at a time; {doc['minutes']} minutes).{partial} Overhead: "
+        f"start per configuration, one engine busy at a time; {doc['minutes']} minutes"
+        f"{_sittings(doc)}).{partial} Overhead: "
         "median latency of the route against the bare query on the base model, (a) on the same engine, (b) on "
         "the plain vLLM without `--enable-lora` (of the same compile mode). The goal is at most "
         f"+{GOAL:.0f}% against (b). What the flags do in vLLM 0.32: with `--enable-lora` every linear layer "

@@ -150,3 +150,26 @@ def test_committed_results_match_their_json_and_the_readme() -> None:
     section = render_readme_section(results)
     assert (RESULTS / "readme_section.md").read_text() == section
     assert section in (REPO / "README.md").read_text()
+
+
+def test_resume_needs_a_matching_earlier_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert _exit_status(["bench", "levers", "--resume", "--out", str(tmp_path)]) == 2
+    assert "--resume: " in capsys.readouterr().err
+    earlier = doc() | {"mode": "full", "requests": {"1": 4, "8": 16}}
+    write_results(earlier, tmp_path)
+    assert _exit_status(["bench", "levers", "--resume", "--requests", "6", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "give the same flags" in err and "'1': 4" in err
+    measured = [c["key"] for c in earlier["configs"]]
+    assert _exit_status(["bench", "levers", "--resume", "--requests", "4", "--configs", *measured,
+                         "--out", str(tmp_path)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_which_sitting_measured_what() -> None:
+    two = doc() | {"sittings": [{"started": "2026-12-02 08:19 UTC", "configs": ["plain", "lora"]},
+                                {"started": "2026-12-02 08:52 UTC", "configs": ["rank8"]}]}
+    text = render_readme_section(two)
+    assert ("measured in 2 sittings (2026-12-02 08:19 UTC: plain, lora; 2026-12-02 08:52 UTC: rank8), so "
+            "overhead (b)") in text
+    assert "sittings" not in render_readme_section(doc() | {"sittings": two["sittings"][:1]})
