@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from benchmarks.errors import BenchInputError
+from benchmarks.errors import BenchInputError, read_results
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import PromptTemplate, bare_query_messages, escape, parse_template
@@ -509,14 +509,8 @@ def write_results(doc: dict[str, Any], out: Path) -> Path:
 
 def rebuild(out: Path) -> Path:
     """Re-render the plot and README section from `out`/crossover.json."""
-    path = out / "crossover.json"
-    if not path.exists():
-        raise BenchInputError(f"{path} does not exist: run `promptintern bench crossover --out {out}` first")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BenchInputError(f"{path} is not JSON: {exc}") from exc
-    return write_results(doc, out)
+    return write_results(read_results(out / "crossover.json", f"run `promptintern bench crossover --out {out}` "
+                                                              "first"), out)
 
 
 def _where(name: str, condition: str, length: int | None, concurrency: int) -> str:

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class BenchInputError(Exception):
     """A benchmark's input is missing or unusable (a results folder, the deploy files, an optional package);
     `promptintern bench` prints the message as one line and exits with status 2, without a traceback."""
+
+
+def read_results(path: Path, hint: str) -> dict[str, Any]:
+    """A benchmark's results JSON (to rebuild or resume from): a missing or unreadable file is a BenchInputError
+    naming it, with `hint` (what to run first)."""
+    if not path.is_file():
+        raise BenchInputError(f"{path} does not exist: {hint}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BenchInputError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BenchInputError(f"{path} is not a results document (a JSON object)")
+    return doc

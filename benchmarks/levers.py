@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.crossover import ANSWER_TOKENS, _cell
-from benchmarks.errors import BenchInputError
+from benchmarks.errors import BenchInputError, read_results
 from benchmarks.paper.options import Progress, clock
 from core.basemodel import base_model_dir
 from core.config import Settings
@@ -258,10 +258,7 @@ def run(settings: Settings, options: LeversOptions) -> Path:
 def _earlier_run(options: LeversOptions) -> dict[str, Any]:
     """--out's levers.json, to resume: it must have been measured with the same mode and requests."""
     path = options.out / "levers.json"
-    if not path.is_file():
-        raise BenchInputError(f"--resume: {path} does not exist; run `promptintern bench levers --out "
-                              f"{options.out}` first")
-    doc: dict[str, Any] = json.loads(path.read_text())
+    doc = read_results(path, f"run `promptintern bench levers --out {options.out}` first, then --resume")
     requests = {str(c): options.requests_at(c) for c in CONCURRENCY}
     mode = "quick" if options.quick else "full"
     if doc.get("mode") != mode or doc.get("requests") != requests:
@@ -428,14 +425,8 @@ def write_results(doc: dict[str, Any], out: Path) -> Path:
 
 def rebuild(out: Path) -> Path:
     """Re-render readme_section.md from `out`/levers.json."""
-    path = out / "levers.json"
-    if not path.exists():
-        raise BenchInputError(f"no {path}: run `promptintern bench levers --out {out}` first")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BenchInputError(f"{path} is not JSON: {exc}") from exc
-    return write_results(doc, out)
+    return write_results(read_results(out / "levers.json", f"run `promptintern bench levers --out {out}` first"),
+                         out)
 
 
 def _cells_of(doc: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
