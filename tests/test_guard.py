@@ -128,8 +128,6 @@ def test_the_guard_rolls_a_bad_version_back_to_the_previous_one_then_to_the_fall
         assert chat(server, "bad", "list files", **GREEDY).headers["x-promptintern-route"] == "fallback"
         assert metric(server, "promptintern_rollbacks_total", prompt="bad") == 2
         assert "bad@v1" not in server.app.state.engine.loaded_adapters()
-        with pytest.raises(AssertionError, match="no series"):  # no stale agreement once nothing is judged
-            metric(server, "promptintern_shadow_agreement", prompt="bad")
 
 
 def test_a_guard_that_is_met_keeps_the_version_and_sampled_answers_are_asked_again_greedily(

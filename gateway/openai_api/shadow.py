@@ -18,7 +18,6 @@ traffic-trained prompt keeps fresh teacher rows coming for its next version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import uuid
@@ -183,15 +182,6 @@ class ShadowGuard:
         self.verdicts.append(verdict)
         return verdict
 
-    def _forget_agreement(self, prompt: str) -> None:
-        """Drop the prompt's agreement gauge when its window is gone, so a rolled-back version's last score is not
-        shown as the prompt's current one (the next shadowed answer sets it again). A prompt counted under
-        `other` shares its series with others, which stays."""
-        label = self.metrics.prompt_label(prompt)
-        if label == prompt:
-            with contextlib.suppress(KeyError):
-                self.metrics.shadow_agreement.remove(label)
-
     async def _teacher(self, plan: Plan) -> str | None:
         """The teacher's greedy answer to the request as the client sent it (None: it gave no whole answer)."""
         if plan.upstream and self.upstream is not None and plan.upstream_body is not None:
@@ -232,7 +222,6 @@ class ShadowGuard:
                   f"last {window} shadowed requests, below min_agreement {minimum}")
         rejected = await asyncio.to_thread(self.registry.reject_active, prompt, version, reason)
         self._windows.pop(adapter, None)
-        self._forget_agreement(prompt)
         if not rejected:
             return False  # no longer the active version (another replica rolled it back, or a newer one came)
         log.warning("%s: %s", adapter, reason)
