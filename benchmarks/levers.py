@@ -26,13 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.crossover import ANSWER_TOKENS, _cell
+from benchmarks.crossover import ANSWER_TOKENS, _cell, _cpus
 from benchmarks.errors import BenchInputError, read_results
-from benchmarks.paper.options import Progress, clock
+from benchmarks.paper.measure import engine_generate
+from benchmarks.paper.options import STOP, Progress, clock
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import bare_query_messages
-from gateway.engines.base import EngineRequest, SamplingParams, TextDelta
+from gateway.engines.base import SamplingParams
 from gateway.engines.vllm import VLLMEngine
 from gateway.local_server import free_port
 from gateway.vllm_server import VLLMProcess, vllm_command, vllm_python
@@ -383,19 +384,14 @@ async def _quality(engine: VLLMEngine, route: str, targets: list[str], config: s
     slot = template.slots[0]
     test = example.test[:rows]
     name = ADAPTER_NAMES.get(route)
-    params = SamplingParams(max_tokens=QUALITY_MAX_TOKENS, temperature=0.0, stop=("\n",))
+    params = SamplingParams(max_tokens=QUALITY_MAX_TOKENS, temperature=0.0, stop=STOP)
     semaphore = asyncio.Semaphore(QUALITY_CONCURRENCY)
     progress.say(f"  quality: {route} on {len(test)} NL2Bash test rows")
 
     async def answer(row: dict[str, Any]) -> str:
-        parts: list[str] = []
         async with semaphore:
-            request = EngineRequest(kind="chat", messages=bare_query_messages(template, {slot: row[slot]}),
-                                    adapter=name, params=params)
-            async for event in engine.generate(request):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-        return "".join(parts).strip()
+            generation = await engine_generate(engine, bare_query_messages(template, {slot: row[slot]}), name, params)
+        return generation.text
 
     predictions = await asyncio.gather(*(answer(row) for row in test))
     references = [[row["response"], *row.get("references", [])] for row in test]
@@ -405,12 +401,6 @@ async def _quality(engine: VLLMEngine, route: str, targets: list[str], config: s
                        for row, p in zip(test[:3], predictions[:3], strict=True)])
     progress.say(f"  quality: {route}: BLEU {quality.bleu:.1f}, exact match {quality.exact_match:.1f}%")
     return quality
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 # -- the report --------------------------------------------------------------------------------------------
