@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from benchmarks.errors import BenchInputError, read_results
+from benchmarks.errors import BenchInputError, rebuild_from
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import PromptTemplate, bare_query_messages, escape, parse_template
@@ -509,8 +509,8 @@ def write_results(doc: dict[str, Any], out: Path) -> Path:
 
 def rebuild(out: Path) -> Path:
     """Re-render the plot and README section from `out`/crossover.json."""
-    return write_results(read_results(out / "crossover.json", f"run `promptintern bench crossover --out {out}` "
-                                                              "first"), out)
+    return rebuild_from(out / "crossover.json", f"run `promptintern bench crossover --out {out}` first",
+                        lambda doc: write_results(doc, out))
 
 
 def _where(name: str, condition: str, length: int | None, concurrency: int) -> str:

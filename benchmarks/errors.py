@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ def read_results(path: Path, hint: str) -> dict[str, Any]:
     """A benchmark's results JSON (to rebuild or resume from): a missing or unreadable file is a BenchInputError
     naming it, with `hint` (what to run first)."""
     if not path.is_file():
-        raise BenchInputError(f"{path} does not exist: {hint}")
+        raise BenchInputError(f"no {path}: {hint}")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -24,3 +25,13 @@ def read_results(path: Path, hint: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise BenchInputError(f"{path} is not a results document (a JSON object)")
     return doc
+
+
+def rebuild_from(path: Path, hint: str, write: Callable[[dict[str, Any]], Path]) -> Path:
+    """`write` the report of the results JSON at `path` again (`--rebuild`): a document that lacks what the report
+    needs (a key, a field of the wrong type) is a BenchInputError naming the file, not a traceback."""
+    doc = read_results(path, hint)
+    try:
+        return write(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BenchInputError(f"{path} is not a complete results document ({type(exc).__name__}: {exc})") from exc

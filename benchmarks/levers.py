@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.crossover import ANSWER_TOKENS, _cell, _cpus
-from benchmarks.errors import BenchInputError, read_results
+from benchmarks.errors import BenchInputError, read_results, rebuild_from
 from benchmarks.paper.measure import engine_generate
 from benchmarks.paper.options import STOP, Progress, clock
 from core.basemodel import base_model_dir
@@ -415,8 +415,8 @@ def write_results(doc: dict[str, Any], out: Path) -> Path:
 
 def rebuild(out: Path) -> Path:
     """Re-render readme_section.md from `out`/levers.json."""
-    return write_results(read_results(out / "levers.json", f"run `promptintern bench levers --out {out}` first"),
-                         out)
+    return rebuild_from(out / "levers.json", f"run `promptintern bench levers --out {out}` first",
+                        lambda doc: write_results(doc, out))
 
 
 def _cells_of(doc: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:

@@ -93,3 +93,12 @@ def test_bench_gateway_measures_every_condition_on_the_tiny_model(tiny_model_pat
     assert rows["profile"]["passthrough, streamed"]["steps_us"]["SSE framing (format_sse_event)"] > 0
     out = capsys.readouterr().out
     assert "added median ms" in out and "Where a gateway request's time goes (adapter, whole" in out
+
+
+@pytest.mark.parametrize("target", ["paper", "crossover", "levers"])
+def test_an_incomplete_results_document_is_one_line(target: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / f"{target}.json").write_text("{}")
+    assert _exit_status(["bench", target, "--rebuild", "--out", str(tmp_path)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"promptintern bench {target}: {tmp_path / f'{target}.json'} is not a complete results")

@@ -47,7 +47,7 @@ def test_bad_flags_are_refused_with_status_2(capsys: pytest.CaptureFixture[str],
     assert _exit_status(["bench", "levers", "--rebuild", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("promptintern bench levers: ") and "levers.json does not exist" in err
+    assert err.startswith("promptintern bench levers: no ") and "levers.json" in err
 
 
 def _flags(config: Config) -> list[str]:
@@ -154,7 +154,7 @@ def test_committed_results_match_their_json_and_the_readme() -> None:
 
 def test_resume_needs_a_matching_earlier_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert _exit_status(["bench", "levers", "--resume", "--out", str(tmp_path)]) == 2
-    assert "levers.json does not exist" in capsys.readouterr().err
+    assert "levers.json: run `promptintern bench levers" in capsys.readouterr().err
     earlier = doc() | {"mode": "full", "requests": {"1": 4, "8": 16}}
     write_results(earlier, tmp_path)
     assert _exit_status(["bench", "levers", "--resume", "--requests", "6", "--out", str(tmp_path)]) == 2

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.errors import BenchInputError
+from benchmarks.errors import rebuild_from
 from benchmarks.paper.adapters import AdapterInfo, lora_rank_limit, manifest_evaluation, resolve_adapter
 from benchmarks.paper.conditions import CONDITIONS, Measurement, Prices
 from benchmarks.paper.inputs import CompressedTemplate, Workload, build_inputs, compress_template
@@ -225,14 +225,14 @@ def rebuild_report(out: Path) -> None:
     without the trainer's own evaluation gets it from its manifest when the cache key still matches."""
     from core.adapter_store import read_manifest
 
-    source = out / "paper.json"
-    if not source.is_file():
-        raise BenchInputError(f"no {source} to rebuild from: run `promptintern bench paper` first, or point --out "
-                              "at a results folder")
-    doc = json.loads(source.read_text())
-    complete_rows(doc["rows"])
-    for adapter in doc.get("adapters", []):
-        manifest = read_manifest(Path(adapter["path"])) or {}
-        if adapter.get("evaluation") is None and manifest.get("cache_key") == adapter.get("cache_key"):
-            adapter["evaluation"] = manifest_evaluation(manifest)
-    write_results(doc, out)
+    def write(doc: dict[str, Any]) -> Path:
+        complete_rows(doc["rows"])
+        for adapter in doc.get("adapters", []):
+            manifest = read_manifest(Path(adapter["path"])) or {}
+            if adapter.get("evaluation") is None and manifest.get("cache_key") == adapter.get("cache_key"):
+                adapter["evaluation"] = manifest_evaluation(manifest)
+        write_results(doc, out)
+        return out
+
+    rebuild_from(out / "paper.json", "run `promptintern bench paper` first, or point --out at a results folder",
+                 write)
