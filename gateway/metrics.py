@@ -273,6 +273,11 @@ class GatewayMetrics:
         for route in ROUTES:
             self.requests.labels(prompt=prompt, tenant=label, route=route)
             self.decode_tokens.labels(prompt=prompt, route=route)
+        # The speed histograms on the routes a registered prompt takes: the net-seconds-saved rule divides their
+        # rates, and a series created at its first observation would leave that observation out of rate().
+        for route in ("passthrough",) if prompt == NO_PROMPT else ("adapter", "fallback"):
+            self.time_to_first_token.labels(prompt, route=route)
+            self.time_per_output_token.labels(prompt, route=route)
         for counter in (self.original_prompt_tokens, self.sent_prompt_tokens, self.saved_prompt_tokens,
                         self.saved_cost, self.completion_tokens):
             counter.labels(prompt=prompt, tenant=label)

@@ -66,8 +66,8 @@ DISCOVERY_MIN_REQUESTS = 5  # the gateway's setting here (default 20): the candi
 QUERIES = ("make a dir", "count lines in a.txt", "print the date", "show the biggest order", "list big files")
 ROUNDS = 6
 ERROR_ROUNDS = (0, 3)  # each: one unknown model (404), one prompt longer than the context (400)
-# Prompt `sort` falls back in the first rounds (two: a histogram's series is created at its first observation, so
-# rate() sees the second), then has its adapter, answered three times a round: 2 of 14 fall back, under the alert.
+# Prompt `sort` falls back in the first two rounds, then has its adapter, answered three times a round: 2 of 14 fall
+# back, under the alert. Its speed histograms exist at 0 from registration, so rate() sees every answer.
 SORT_ADAPTER_FROM = 2
 SORT_PER_ADAPTER_ROUND = 3
 SENT = {("shell", "adapter"): 2 * ROUNDS, ("sql", "fallback"): ROUNDS,
@@ -151,7 +151,11 @@ def _send_traffic(seen: Observed, sort_adapter: Path) -> None:
             _failed(seen, _chat(server, [{"role": "user", "content": "hi"}], model="gpt-5"), "none", 404)
             too_long = [{"role": "user", "content": "word " * 2000}]  # the tiny model's context is 512
             _failed(seen, _chat(server, too_long), "passthrough", 400)
-        time.sleep(0.5)  # spread over several scrapes, so that the rates have a shape
+        # Two scrapes between rounds (the first may have read the metrics before this round's last answer): a
+        # histogram's series is created at its first observation, so rate() only sees an observation that a scrape
+        # follows; prompt `sort`'s two fallback answers (rounds 0 and 1) must be in different scrapes, whatever the
+        # speed of the machine. A fixed sleep between rounds let both land in one scrape on a fast one.
+        _next_scrapes(seen.prometheus_url, 2)
     with server.admin() as admin:
         # The shadow checks run after the answers, in the background: the guard rejects v1, the fallback takes over.
         body = _wait_for(lambda: (b := admin.get("/v1/prompts/guarded").json())["active_version"] is None and b,
@@ -161,6 +165,12 @@ def _send_traffic(seen: Observed, sort_adapter: Path) -> None:
         seen.candidate = _wait_for(lambda: next((c for c in admin.get("/v1/prompts/candidates").json()["data"]
                                                  if c["template"][0]["content"] == REVIEW[0]["content"]), None),
                                    "discovery finding the review prompt")
+
+
+def _next_scrapes(url: str, n: int) -> None:
+    """Wait until Prometheus has scraped the gateway `n` more times."""
+    now = prom.wait_for_scrapes(url, 1, job=prom.GATEWAY_JOB)
+    prom.wait_for_scrapes(url, now + n, job=prom.GATEWAY_JOB)
 
 
 def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:

@@ -52,6 +52,24 @@ def test_prompts_past_the_cap_share_the_other_series() -> None:
     assert prompts_of(metrics) == {NO_PROMPT, OTHER_PROMPT, "p1", "p2"}
 
 
+def test_a_registered_prompt_exports_its_speed_histograms_at_zero() -> None:
+    """The net-seconds-saved rule divides their rates: an observation into a series it creates is lost to rate()."""
+    from prometheus_client import generate_latest
+
+    metrics = GatewayMetrics(max_prompts=2)
+    metrics.track_prompt("p1")
+    counts = {(s.name, s.labels["prompt"], s.labels["route"]): s.value
+              for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+              if family.name in ("promptintern_time_to_first_token_seconds",
+                                 "promptintern_time_per_output_token_seconds")
+              for s in family.samples if s.name.endswith("_count")}
+    assert counts == {(f"{name}_count", prompt, route): 0.0
+                      for name in ("promptintern_time_to_first_token_seconds",
+                                   "promptintern_time_per_output_token_seconds")
+                      for prompt, route in (("p1", "adapter"), ("p1", "fallback"), (OTHER_PROMPT, "adapter"),
+                                            (OTHER_PROMPT, "fallback"), (NO_PROMPT, "passthrough"))}
+
+
 def test_a_prompt_first_seen_in_traffic_takes_a_free_place() -> None:
     metrics = GatewayMetrics(max_prompts=1)
     metrics.completion_tokens.labels(prompt="seen").inc(5)  # never tracked, but a place was free
