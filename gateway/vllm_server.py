@@ -38,6 +38,8 @@ def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = N
     ]
     if lora:
         command += ["--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(max_loras)]
+        if settings.vllm_lora_target_modules:  # else vLLM wraps every linear layer, embeddings and lm_head
+            command += ["--lora-target-modules", *settings.vllm_lora_target_modules]
     command += [
         "--max-model-len", str(max_model_len), "--dtype", "float32",
         "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",

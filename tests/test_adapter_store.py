@@ -14,6 +14,8 @@ from core.adapter_store import (
     STAGING_MAX_AGE_S,
     STAGING_NAME,
     AdapterStore,
+    adapter_modules,
+    check_target_modules,
     next_version_dir,
     staging_abandoned,
     version_dirs,
@@ -95,3 +97,21 @@ def test_deletion_removes_the_registrys_versions_and_staging(tmp_path: Path) -> 
     assert (store.root / "p" / "v1").is_dir() and not (store.root / "p" / "v2").exists()
     store.remove_prompt("p", [1])
     assert not (store.root / "p").exists()
+
+
+def test_an_adapters_modules_are_read_from_its_tensor_names(tiny_model_path: Path, tmp_path: Path) -> None:
+    from core.errors import InvalidAdapter
+    from trainer.lora import random_lora
+
+    attention = random_lora(tiny_model_path, tmp_path / "attention", seed=1)
+    assert adapter_modules(attention) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    check_target_modules(attention, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    check_target_modules(attention, [])  # vLLM's own default: every module
+    mlp = random_lora(tiny_model_path, tmp_path / "mlp", seed=1, targets=("v_proj", "up_proj"))
+    assert adapter_modules(mlp) == {"v_proj", "up_proj"}
+    with pytest.raises(InvalidAdapter, match="LoRA weights for up_proj, which the vLLM engine") as refused:
+        check_target_modules(mlp, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert refused.value.code == "unsupported_target_modules"
+    (mlp / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(InvalidAdapter, match="not a safetensors file"):
+        adapter_modules(mlp)

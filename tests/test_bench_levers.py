@@ -28,6 +28,7 @@ from benchmarks.levers import (
 )
 from core.config import Settings
 from gateway.cli import main
+from gateway.vllm_server import vllm_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "levers"
@@ -61,12 +62,15 @@ def test_each_configuration_starts_vllm_with_its_own_flags() -> None:
     assert "--enforce-eager" in _flags(configs["plain-eager"]) and "-O0" in _flags(configs["plain-eager"])
     lora = " ".join(_flags(configs["lora"]))
     assert "--enable-lora --max-lora-rank 16 --max-loras 4" in lora and "--enforce-eager" not in lora
+    assert "--lora-target-modules" not in lora  # vLLM's own default, not the gateway's
     assert "--max-lora-rank 8 --max-loras 4" in " ".join(_flags(configs["rank8"]))
     assert "--max-loras 1 " in " ".join(_flags(configs["loras1"]))
     cpu = " ".join(_flags(configs["loras1-cpu2"]))
     assert "--max-loras 1 " in cpu and cpu.endswith("--max-cpu-loras 2")
-    assert " ".join(_flags(configs["modules-qkvo"])).endswith("--lora-target-modules q_proj k_proj v_proj o_proj")
-    assert " ".join(_flags(configs["modules-qv"])).endswith("--lora-target-modules q_proj v_proj")
+    assert "--lora-target-modules q_proj k_proj v_proj o_proj --" in " ".join(_flags(configs["modules-qkvo"]))
+    assert "--lora-target-modules q_proj v_proj --" in " ".join(_flags(configs["modules-qv"]))
+    # The gateway's own launcher since 2026-12-02:
+    assert _flags(configs["modules-qkvo"]) == vllm_command(Settings(), Path("/models/base"), port=8000)[3:]
     combined = " ".join(_flags(configs["combined"]))
     assert "--max-lora-rank 8 --max-loras 1" in combined and "--lora-target-modules" in combined
     assert "--enforce-eager" in _flags(configs["lora-eager"]) and "--enable-lora" in _flags(configs["lora-eager"])
@@ -115,8 +119,8 @@ def test_the_readme_section_puts_the_levers_side_by_side(tmp_path: Path) -> None
     text = render_readme_section(doc())
     assert "`promptintern bench levers` on 2026-12-02" in text and "mode full" in text
     # Against the plain vLLM: bare 2.2/2.0, q,k,v,o 3.0/2.0, q,v 2.6/2.0 (the same at c=8, halved times).
-    assert "| lora | LoRA, the gateway's defaults (--max-lora-rank 16 --max-loras 4) | +10% | +10% | +50% | +50% " \
-           "| +30% | +30% |" in text
+    assert "| lora | LoRA, vLLM's defaults (--max-lora-rank 16 --max-loras 4; the gateway's before 2026-12-02) | " \
+           "+10% | +10% | +50% | +50% | +30% | +30% |" in text
     assert "| merged | q,k,v,o adapter merged into the weights, plain vLLM | – | – | +2% (merged) | +2% (merged) |" \
            in text
     # Every cell: p50, ms/token, (a) against the engine's bare query (3.0/2.2: +36%), (b) against plain.

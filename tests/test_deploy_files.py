@@ -131,6 +131,8 @@ def test_adapters_and_model_are_at_the_same_paths_in_gateway_and_vllm(compose: d
 
 
 def test_vllm_services_serve_loras_at_runtime(compose: dict[str, Any]) -> None:
+    from core.config import Settings
+
     services = _services(compose)
     for name in VLLM_SERVICES:
         service = services[name]
@@ -141,6 +143,8 @@ def test_vllm_services_serve_loras_at_runtime(compose: dict[str, Any]) -> None:
             "${PROMPTINTERN_SERVED_MODEL_NAME:-HuggingFaceTB/SmolLM2-135M-Instruct}"
         )
         assert int(_interpolated_default(args[args.index("--max-loras") + 1])) >= 1
+        modules = args[args.index("--lora-target-modules") + 1:]
+        assert modules[:modules.index("--max-model-len")] == Settings().vllm_lora_target_modules  # the gateway's
         assert args[args.index("--max-model-len") + 1] == "${PROMPTINTERN_MAX_MODEL_LEN:-4096}"
         assert args[args.index("--port") + 1] == "8000"
         assert _env(service)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"

@@ -407,6 +407,8 @@ def test_vllm_serves_what_the_gateway_expects(manifests: list[tuple[str, dict[st
     assert args[args.index("--served-model-name") + 1] == settings["PROMPTINTERN_SERVED_MODEL_NAME"]
     assert args[args.index("--max-lora-rank") + 1] == settings["PROMPTINTERN_MAX_LORA_RANK"]
     assert args[args.index("--max-model-len") + 1] == settings["PROMPTINTERN_MAX_MODEL_LEN"]
+    modules = args[args.index("--lora-target-modules") + 1:]
+    assert ",".join(modules[:modules.index("--max-model-len")]) == settings["PROMPTINTERN_VLLM_LORA_TARGET_MODULES"]
     assert "--enable-lora" in args
     assert _env(container)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
     port = int(args[args.index("--port") + 1])

@@ -219,6 +219,24 @@ def test_new_version_replaces_old_and_delete_unloads(gateway: LiveServer, vllm: 
     assert not any(m.startswith("versions@") for m in vllm_models(vllm))
 
 
+def test_an_adapter_on_modules_vllm_does_not_adapt_is_refused(gateway: LiveServer, vllm: VLLMProcess,
+                                                               base_model_path: Path, module_tmp: Path) -> None:
+    """vLLM runs with `--lora-target-modules q_proj k_proj v_proj o_proj` (the launcher's default): it would load an
+    adapter on the MLP too and serve that part as the base model. The gateway refuses it, and nothing is kept."""
+    assert vllm.command[vllm.command.index("--lora-target-modules") + 1:][:4] == ["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj"]
+    mlp = random_lora(base_model_path, module_tmp / "data" / "import" / "lora-mlp", seed=23,
+                      targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
+    with gateway.admin() as admin:
+        r = admin.post("/v1/prompts", json={"name": "mlp", "messages": template("mlp"), "adapter_path": str(mlp)})
+        assert r.status_code == 422, r.text  # as every adapter that does not fit
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_target_modules" and error["param"] == "adapter_path"
+        assert "down_proj, gate_proj" in error["message"] and "VLLM_LORA_TARGET_MODULES" in error["message"]
+        assert admin.get("/v1/prompts/mlp").status_code == 404
+    assert not any(m.startswith("mlp@") for m in vllm_models(vllm))
+
+
 def test_adapter_forgotten_by_vllm_is_reloaded(gateway: LiveServer, vllm: VLLMProcess,
                                                adapters: dict[str, Path]) -> None:
     register(gateway, "forgotten", adapters["a"])

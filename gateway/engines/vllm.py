@@ -19,7 +19,7 @@ from typing import Any
 import openai
 from openai import AsyncStream
 
-from core.adapter_store import read_adapter_config
+from core.adapter_store import check_target_modules, read_adapter_config
 from core.config import Settings
 from gateway.engines.base import (
     AdapterLoadError,
@@ -148,7 +148,7 @@ class VLLMEngine:
     # -- adapters ------------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: Path) -> None:
-        await asyncio.to_thread(read_adapter_config, path, self.settings.max_lora_rank)  # file reads: off the loop
+        await asyncio.to_thread(self._check_adapter, path)  # file reads: off the loop
         self._wanted[name] = await asyncio.to_thread(path.resolve)
         self._loaded.discard(name)
         try:
@@ -156,6 +156,10 @@ class VLLMEngine:
         except AdapterLoadError:
             self._wanted.pop(name, None)
             raise
+
+    def _check_adapter(self, path: Path) -> None:
+        read_adapter_config(path, self.settings.max_lora_rank)
+        check_target_modules(path, self.settings.vllm_lora_target_modules)
 
     async def _ensure_loaded(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
