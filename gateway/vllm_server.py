@@ -85,9 +85,20 @@ class VLLMProcess:
     def start(self) -> VLLMProcess:
         started = time.monotonic()
         print(f"[promptintern] starting vLLM on {self.url} (log: {self.log_path})", flush=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.command, env=vllm_env(threads=self.threads), stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        with self.log_path.open("ab") as log:  # the child writes to its own copy of the descriptor
+            self.process = subprocess.Popen(self.command, env=vllm_env(threads=self.threads), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(started)
+        except BaseException:
+            # Not ready (it exited, timed out) or interrupted (Ctrl-C, SIGTERM as an exception): `with` never reaches
+            # __exit__ when __enter__ raises, and the new session keeps Ctrl-C from vLLM, so stop it here.
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, started: float) -> None:
+        assert self.process is not None
         while time.monotonic() - started < self.start_timeout:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -95,11 +106,10 @@ class VLLMProcess:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     print(f"[promptintern] vLLM ready in {time.monotonic() - started:.0f} s", flush=True)
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        self.stop()
         raise RuntimeError(f"vLLM did not become ready within {self.start_timeout:.0f} s (log: {self.log_path})")
 
     def stop(self) -> None:
