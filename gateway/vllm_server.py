@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,30 @@ def vllm_command(settings: Settings, model_dir: Path, *, python: Path | None = N
     return command + list(extra_args)
 
 
+# Run in place of a vLLM command line by `tied_to_parent`: PR_SET_PDEATHSIG (1) asks the kernel to send SIGTERM when
+# the thread that started it ends (a killed gateway or benchmark, the worker thread at a clean exit), kept across
+# execv; then the vLLM command replaces it. A parent that died before prctl is seen as a changed parent pid.
+_TIED_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def tied_to_parent(command: Sequence[str]) -> list[str]:
+    """The command, to be stopped by the kernel when the thread that starts it ends (Linux; as given elsewhere).
+
+    vLLM runs in a session of its own (so that it and its engine process stop together, with killpg), out of reach of
+    the terminal's Ctrl-C: without this, a gateway killed with SIGKILL would leave its merged engines running, each
+    holding a port and a copy of the weights, and no later replica would stop them.
+    """
+    if sys.platform != "linux":
+        return list(command)
+    return [sys.executable, "-c", _TIED_TO_PARENT, str(os.getpid()), *command]
+
+
 def vllm_env(threads: int | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -86,8 +111,8 @@ class VLLMProcess:
         started = time.monotonic()
         print(f"[promptintern] starting vLLM on {self.url} (log: {self.log_path})", flush=True)
         with self.log_path.open("ab") as log:  # the child writes to its own copy of the descriptor
-            self.process = subprocess.Popen(self.command, env=vllm_env(threads=self.threads), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(tied_to_parent(self.command), env=vllm_env(threads=self.threads),
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready(started)
         except BaseException:

@@ -95,3 +95,65 @@ def test_a_start_that_does_not_finish_leaves_no_process(how: str, tmp_path: Path
     with pytest.raises(KeyboardInterrupt if how == "interrupted" else RuntimeError), process:
         pytest.fail("vLLM cannot be ready")
     assert process.process is not None and process.process.poll() is not None  # stopped, not left running
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from gateway.prompts.merged import _spawn
+from gateway.vllm_server import VLLMProcess
+from core.config import Settings
+
+child = [sys.executable, "-c", "import time; time.sleep(600)"]
+if sys.argv[1] == "merged":  # the merged engine's launcher, from the event loop's executor as the gateway calls it
+    import asyncio
+
+    async def serve() -> None:  # the loop (and its executor thread, the child's parent) live on, as a gateway's
+        print((await asyncio.to_thread(_spawn, child, None, Path(sys.argv[2]))).pid, flush=True)
+        await asyncio.sleep(600)
+
+    asyncio.run(serve())
+else:  # tests' and benchmarks' VLLMProcess, killed while vLLM loads
+    process = VLLMProcess(Settings(), Path("/m"), port=int(sys.argv[3]), log_path=Path(sys.argv[2]))
+    process.command = child
+    import threading
+    threading.Thread(target=process.start, daemon=True).start()
+    while process.process is None:
+        time.sleep(0.05)
+    print(process.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited, not yet reaped by init
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("launcher", ["merged", "process"])
+def test_vllm_stops_when_the_process_that_started_it_is_killed(launcher: str, tmp_path: Path) -> None:
+    """A gateway killed with SIGKILL (OOM killer, a crash) takes its vLLM engines with it: they run in sessions of
+    their own, so nothing else would stop them, and their ports and memory would stay taken."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from gateway.local_server import free_port
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, launcher, str(tmp_path / "vllm.log"), str(free_port())],
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pid = int(next(line for line in parent.stdout if line.strip().isdigit()))  # after VLLMProcess's own lines
+    time.sleep(1.0)  # the wrapper has set its parent-death signal and exec'd the command
+    assert not _gone(pid) and "time.sleep(600)" in Path(f"/proc/{pid}/cmdline").read_text()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the child outlived the process that started it"
+        time.sleep(0.1)

@@ -38,7 +38,7 @@ from gateway.engines.inflight import AdapterUse
 from gateway.engines.merged import MergedRoutes
 from gateway.registry.store import PromptRegistry
 from gateway.tasks import stop_task
-from gateway.vllm_server import vllm_command, vllm_env
+from gateway.vllm_server import tied_to_parent, vllm_command, vllm_env
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 2.0  # how often each merged engine is probed (and, for its lease holder, supervised)
@@ -384,8 +384,8 @@ class MergedServing:
 
 def _spawn(command: list[str], threads: int | None, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as out:
-        return subprocess.Popen(command, env=vllm_env(threads=threads), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(tied_to_parent(command), env=vllm_env(threads=threads), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
