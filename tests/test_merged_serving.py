@@ -293,4 +293,8 @@ def test_the_merged_engine_lease_is_held_by_one_replica_and_taken_over_when_it_e
     assert set(registry.merged_prompts()) == {"p"}
     registry.set_serving("p", None)
     assert registry.get("p").serving is None and registry.merged_prompts() == {}
+    # A prompt deleted meanwhile: nothing to hold, record or release.
+    assert registry.claim_serving("gone", "a", timedelta(seconds=60)) is None
+    assert not registry.update_serving_engine("gone", "a", timedelta(seconds=60), error="x")
+    registry.release_serving("gone", "a")
     registry.close()

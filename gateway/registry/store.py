@@ -403,12 +403,10 @@ class PromptRegistry:
         None if another does, or the prompt is not (or no longer) served merged. Taking over an expired lease drops
         the endpoint of the engine that went with it."""
         now = utcnow()
-        with self._session() as s:
-            try:
-                prompt_id = self._lock_prompt(s, name)
-            except NotFoundError:
+        with self._locked_serving(name) as locked:
+            if locked is None:
                 return None
-            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+            s, prompt_id, serving = locked
             if serving.get("mode") != "merged":
                 return None
             engine = dict(serving.get("engine") or {})
@@ -422,50 +420,54 @@ class PromptRegistry:
                 engine = {"owner": owner, "endpoint": None, "version": None, "error": None}
             engine["expires"] = (now + ttl).isoformat()
             serving["engine"] = engine
-            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving)
-                      .execution_options(synchronize_session=False))
-            if changed:
-                self._changed(s, name)
-            s.commit()
+            self._save_serving(s, prompt_id, name, serving, changed)
             return serving
 
     def update_serving_engine(self, name: str, owner: str, ttl: timedelta, **fields: Any) -> bool:
         """Record the merged engine's `endpoint`, `version` or `error` (and renew the lease), only while `owner` holds
         it; a change other replicas route by goes through the change log. False when the lease is lost."""
-        with self._session() as s:
-            try:
-                prompt_id = self._lock_prompt(s, name)
-            except NotFoundError:
+        with self._locked_serving(name) as locked:
+            if locked is None:
                 return False
-            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+            s, prompt_id, serving = locked
             engine = dict(serving.get("engine") or {})
             if serving.get("mode") != "merged" or engine.get("owner") != owner:
                 return False
             changed = any(engine.get(key) != value for key, value in fields.items())
             engine.update(fields, expires=(utcnow() + ttl).isoformat())
             serving["engine"] = engine
-            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving)
-                      .execution_options(synchronize_session=False))
-            if changed:
-                self._changed(s, name)
-            s.commit()
+            self._save_serving(s, prompt_id, name, serving, changed)
             return True
 
     def release_serving(self, name: str, owner: str) -> None:
         """Give up the lease on the prompt's merged engine (its engine stopped), if `owner` holds it."""
+        with self._locked_serving(name) as locked:
+            if locked is None:
+                return
+            s, prompt_id, serving = locked
+            if (serving.get("engine") or {}).get("owner") != owner:
+                return
+            serving.pop("engine")
+            self._save_serving(s, prompt_id, name, serving, changed=True)
+
+    @contextmanager
+    def _locked_serving(self, name: str) -> Iterator[tuple[Session, int, dict[str, Any]] | None]:
+        """A transaction holding the prompt's row lock, with its serving setting (a copy); None: no such prompt."""
         with self._session() as s:
             try:
                 prompt_id = self._lock_prompt(s, name)
             except NotFoundError:
+                yield None
                 return
-            serving = dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
-            if (serving.get("engine") or {}).get("owner") != owner:
-                return
-            serving.pop("engine")
-            s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving or None)
-                      .execution_options(synchronize_session=False))
+            yield s, prompt_id, dict(s.scalar(select(PromptRow.serving).where(PromptRow.id == prompt_id)) or {})
+
+    def _save_serving(self, s: Session, prompt_id: int, name: str, serving: dict[str, Any], changed: bool) -> None:
+        """Write the serving setting (None once empty) and commit; `changed`: other replicas route by the change."""
+        s.execute(update(PromptRow).where(PromptRow.id == prompt_id).values(serving=serving or None)
+                  .execution_options(synchronize_session=False))
+        if changed:
             self._changed(s, name)
-            s.commit()
+        s.commit()
 
     # -- recorded traffic (a ring buffer per prompt; not a routing change: no change log) ---------
 
