@@ -80,7 +80,7 @@ def test_a_start_that_does_not_finish_leaves_no_process(how: str, tmp_path: Path
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while vLLM loads (or a start timeout) stops it: it runs in a session of its own, so nothing else would,
     and `with VLLMProcess(...)` does not call __exit__ when __enter__ raises."""
-    import time
+    import httpx
 
     from gateway.local_server import free_port
     from gateway.vllm_server import VLLMProcess
@@ -88,10 +88,10 @@ def test_a_start_that_does_not_finish_leaves_no_process(how: str, tmp_path: Path
     process = VLLMProcess(Settings(), Path("/m"), port=free_port(), log_path=tmp_path / "vllm.log",
                           start_timeout=0.5 if how == "timed out" else 60)
     process.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # never answers /health
-    if how == "interrupted":
-        def interrupt(seconds: float) -> None:
+    if how == "interrupted":  # Ctrl-C arrives while it polls /health (not in time.sleep: Popen.wait uses it)
+        def interrupt(*args: object, **kwargs: object) -> None:
             raise KeyboardInterrupt
-        monkeypatch.setattr(time, "sleep", interrupt)
+        monkeypatch.setattr(httpx, "get", interrupt)
     with pytest.raises(KeyboardInterrupt if how == "interrupted" else RuntimeError), process:
         pytest.fail("vLLM cannot be ready")
     assert process.process is not None and process.process.poll() is not None  # stopped, not left running
