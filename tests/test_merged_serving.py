@@ -8,6 +8,7 @@ each: the main vLLM (LoRA) and the merged engine the gateway starts on a port of
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,9 @@ import httpx
 import pytest
 
 from core.config import Settings
+from gateway.engines.base import EngineEvent, EngineRequest, Finished, SamplingParams, TextDelta
+from gateway.engines.merged import MergedRoutes
+from gateway.engines.vllm import VLLMEngine
 from gateway.local_server import free_port
 from gateway.registry.store import PromptRegistry
 from gateway.vllm_server import VLLMProcess, vllm_python
@@ -194,6 +198,35 @@ def test_merged_engine_answers_like_the_adapter_through_new_versions_rollback_an
         assert wait_until(lambda: not merged_models(port), 120)
         assert not (gateway.settings.adapter_dir / "m").exists()
     assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
+
+
+@pytest.mark.vllm
+def test_an_answer_under_way_on_a_merged_engine_finishes_when_the_route_goes(
+        main_vllm: VLLMProcess, adapters: dict[str, Path]) -> None:
+    """Unrouting (a rollback, a new version, back to LoRA) while an answer streams from the merged engine: the answer
+    finishes there. The main vLLM stands in as the merged engine: it serves the adapter's id."""
+    settings = Settings(engine="vllm", vllm_url=main_vllm.url)
+
+    async def run() -> tuple[list[EngineEvent], list[EngineEvent]]:
+        main = VLLMEngine(settings)
+        routes = MergedRoutes(main, settings)
+        await routes.start()
+        await routes.load_adapter("u@v1", adapters["a"])
+        await routes.route("u@v1", main_vllm.url)
+        request = EngineRequest(kind="chat", adapter="u@v1", messages=full(QUERIES[0], "u"),
+                                params=SamplingParams(max_tokens=32, temperature=0.0))
+        stream = routes.generate(request)
+        first = [await anext(stream)]
+        await routes.unroute("u@v1")  # closes the merged engine's client only once this answer has ended
+        rest = [event async for event in stream]
+        after = [event async for event in routes.generate(request)]  # the adapter on the main engine now
+        await routes.close()
+        return first + rest, after
+
+    during, after = asyncio.run(run())
+    assert any(isinstance(e, Finished) for e in during) and any(isinstance(e, Finished) for e in after)
+    text = "".join(e.text for e in during if isinstance(e, TextDelta))
+    assert text and text == "".join(e.text for e in after if isinstance(e, TextDelta))
 
 
 @pytest.mark.vllm

@@ -10,6 +10,7 @@ being replaced by a new version's, never shows to a client as an error.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,8 @@ class MergedRoutes:
         self.main = main
         self.settings = settings
         self._merged: dict[str, VLLMEngine] = {}
+        self._open: Counter[VLLMEngine] = Counter()  # requests reading from each merged engine
+        self._retired: set[VLLMEngine] = set()  # no longer routed to: closed once its last request ends
         self.name = main.name
 
     # -- the merged routes ---------------------------------------------------------------------
@@ -45,7 +48,7 @@ class MergedRoutes:
         await engine.start()
         self._merged[model_id] = engine
         if current is not None:
-            await current.close()
+            await self._retire(current)
         log.info("%s is now answered by its merged engine at %s", model_id, url)
 
     async def unroute(self, model_id: str) -> None:
@@ -53,6 +56,14 @@ class MergedRoutes:
         engine = self._merged.pop(model_id, None)
         if engine is not None:
             log.info("%s is answered by its LoRA adapter again", model_id)
+            await self._retire(engine)
+
+    async def _retire(self, engine: VLLMEngine) -> None:
+        """Close a merged engine's client now, or when the last request reading from it ends: closing it under a
+        request would cut that answer off midway."""
+        if self._open[engine]:
+            self._retired.add(engine)
+        else:
             await engine.close()
 
     # -- Engine --------------------------------------------------------------------------------
@@ -63,6 +74,9 @@ class MergedRoutes:
     async def close(self) -> None:
         for model_id in list(self._merged):
             await self.unroute(model_id)
+        for engine in list(self._retired):
+            self._retired.discard(engine)
+            await engine.close()
         await self.main.close()
 
     async def check_ready(self) -> None:
@@ -83,19 +97,36 @@ class MergedRoutes:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         merged = self._merged.get(request.adapter) if request.adapter is not None else None
-        stream: AsyncIterator[EngineEvent]
-        first: EngineEvent | None = None
-        if merged is not None:
-            stream = merged.generate(replace(request, adapter=None))
-            try:
-                first = await anext(stream, None)
-            except (EngineUnavailable, EngineError) as exc:
-                # Down, restarting, replaced: the adapter still answers (an answer that had begun is not retried).
-                log.warning("merged engine for %s failed before answering (%s); answering with the adapter",
-                            request.adapter, exc.message)
-                await _close(stream)
-                merged = None
         if merged is None:
+            stream = self.main.generate(request)
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                await _close(stream)
+            return
+        self._open[merged] += 1
+        try:
+            async for event in self._generate_merged(merged, request):
+                yield event
+        finally:
+            self._open[merged] -= 1
+            if not self._open[merged]:
+                del self._open[merged]
+                if merged in self._retired:
+                    self._retired.discard(merged)
+                    await merged.close()
+
+    async def _generate_merged(self, merged: VLLMEngine, request: EngineRequest) -> AsyncGenerator[EngineEvent]:
+        stream: AsyncIterator[EngineEvent] = merged.generate(replace(request, adapter=None))
+        first: EngineEvent | None = None
+        try:
+            first = await anext(stream, None)
+        except (EngineUnavailable, EngineError) as exc:
+            # Down, restarting, replaced: the adapter still answers (an answer that had begun is not retried).
+            log.warning("merged engine for %s failed before answering (%s); answering with the adapter",
+                        request.adapter, exc.message)
+            await _close(stream)
             stream = self.main.generate(request)
             first = await anext(stream, None)
         try:
