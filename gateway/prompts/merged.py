@@ -342,18 +342,11 @@ class MergedServing:
             return False
 
     def _free_port(self) -> int:
-        """The first port of MERGED_PORTS that no engine of ours uses and nothing else listens on."""
         taken = {engine.port for engine in self._engines.values()}
-        for port in self.settings.merged_ports:
-            if port in taken:
-                continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-        raise RuntimeError(f"no free port in MERGED_PORTS ({self.settings.merged_ports})")
+        port = free_port_of(self.settings.merged_ports, taken)
+        if port is None:
+            raise RuntimeError(f"no free port in MERGED_PORTS ({self.settings.merged_ports})")
+        return port
 
     async def _stop_engine(self, name: str, drain: bool = True) -> None:
         """Stop this replica's engine for `name` (after its requests here drain) and remove its merged folder."""
@@ -380,6 +373,25 @@ class MergedServing:
                                            **fields)
             if held and "error" in fields and fields["error"]:
                 self._errors[name] = str(fields["error"])
+
+
+def free_port_of(ports: list[int], taken: set[int]) -> int | None:
+    """The first of `ports` not in `taken` that nothing listens on (on 127.0.0.1, where merged engines listen).
+
+    The probe binds as vLLM does, with SO_REUSEADDR: a port whose last engine was just stopped keeps the
+    connections the gateway had open to it in TIME_WAIT for a minute, which refuse a plain bind but not vLLM's.
+    """
+    for port in ports:
+        if port in taken:
+            continue
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return None
 
 
 def _spawn(command: list[str], threads: int | None, log_path: Path) -> subprocess.Popen[bytes]:
