@@ -91,6 +91,26 @@ def vllm_env(threads: int | None = None, kv_cache_gib: int = 1) -> dict[str, str
     return env
 
 
+def spawn_vllm(command: list[str], threads: int | None, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start vLLM's `command` in a session of its own (so `stop_vllm` stops its engine process with it), tied to
+    this process (it gets SIGTERM if this one dies), its output appended to `log_path`."""
+    with log_path.open("ab") as log:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen(tied_to_parent(command), env=vllm_env(threads=threads), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_vllm(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM to the vLLM that `spawn_vllm` started and its children, SIGKILL after `grace_s` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class VLLMProcess:
     """A vLLM server as a child process on loopback (tests and benchmarks); a context manager."""
 
@@ -110,9 +130,7 @@ class VLLMProcess:
     def start(self) -> VLLMProcess:
         started = time.monotonic()
         print(f"[promptintern] starting vLLM on {self.url} (log: {self.log_path})", flush=True)
-        with self.log_path.open("ab") as log:  # the child writes to its own copy of the descriptor
-            self.process = subprocess.Popen(tied_to_parent(self.command), env=vllm_env(threads=self.threads),
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = spawn_vllm(self.command, self.threads, self.log_path)
         try:
             self._wait_ready(started)
         except BaseException:
@@ -138,14 +156,8 @@ class VLLMProcess:
         raise RuntimeError(f"vLLM did not become ready within {self.start_timeout:.0f} s (log: {self.log_path})")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_vllm(self.process)
 
     def __enter__(self) -> VLLMProcess:
         return self.start()

@@ -100,8 +100,7 @@ def test_a_start_that_does_not_finish_leaves_no_process(how: str, tmp_path: Path
 PARENT = """
 import sys, time
 from pathlib import Path
-from gateway.prompts.merged import _spawn
-from gateway.vllm_server import VLLMProcess
+from gateway.vllm_server import VLLMProcess, spawn_vllm
 from core.config import Settings
 
 child = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -109,7 +108,7 @@ if sys.argv[1] == "merged":  # the merged engine's launcher, from the event loop
     import asyncio
 
     async def serve() -> None:  # the loop (and its executor thread, the child's parent) live on, as a gateway's
-        print((await asyncio.to_thread(_spawn, child, None, Path(sys.argv[2]))).pid, flush=True)
+        print((await asyncio.to_thread(spawn_vllm, child, None, Path(sys.argv[2]))).pid, flush=True)
         await asyncio.sleep(600)
 
     asyncio.run(serve())

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from gateway.engines.inflight import AdapterUse
 from gateway.engines.merged import MergedRoutes
 from gateway.registry.store import PromptRegistry
 from gateway.tasks import stop_task
-from gateway.vllm_server import tied_to_parent, vllm_command, vllm_env
+from gateway.vllm_server import spawn_vllm, stop_vllm, vllm_command
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 2.0  # how often each merged engine is probed (and, for its lease holder, supervised)
@@ -278,7 +277,7 @@ class MergedServing:
                                    max_model_len=self.settings.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                    fast_start=self.settings.merged_fast_start)
             log.info("starting the merged engine for %s on port %d (log: %s)", model_id, port, log_path)
-            process = await asyncio.to_thread(_spawn, command, self.settings.merged_threads, log_path)
+            process = await asyncio.to_thread(spawn_vllm, command, self.settings.merged_threads, log_path)
             local = LocalEngine(name, model_id, port, process, log_path)
             self._engines[name] = local
             started = time.monotonic()
@@ -359,7 +358,7 @@ class MergedServing:
         if drain and not await self.in_flight.drain(local.model_id, self.settings.adapter_drain_seconds):
             log.warning("stopping the merged engine for %s with requests in flight", local.model_id)
         log.info("stopping the merged engine for %s (port %d)", local.model_id, local.port)
-        await asyncio.to_thread(_terminate, local.process)
+        await asyncio.to_thread(stop_vllm, local.process)
         await self._report(name, endpoint=None, version=None)
         folder = merged_model_dir(self.store, name, version_of(local.model_id))
         await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -392,20 +391,3 @@ def free_port_of(ports: list[int], taken: set[int]) -> int | None:
                 continue
         return port
     return None
-
-
-def _spawn(command: list[str], threads: int | None, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as out:
-        return subprocess.Popen(tied_to_parent(command), env=vllm_env(threads=threads), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
