@@ -106,16 +106,20 @@ class MergedRoutes:
                 await _close(stream)
             return
         self._open[merged] += 1
+        answer = self._generate_merged(merged, request)
         try:
-            async for event in self._generate_merged(merged, request):
+            async for event in answer:
                 yield event
         finally:
-            self._open[merged] -= 1
-            if not self._open[merged]:
-                del self._open[merged]
-                if merged in self._retired:
-                    self._retired.discard(merged)
-                    await merged.close()
+            try:
+                await answer.aclose()  # a client gone midway: its engine request ends now, not at garbage collection
+            finally:
+                self._open[merged] -= 1
+                if not self._open[merged]:
+                    del self._open[merged]
+                    if merged in self._retired:
+                        self._retired.discard(merged)
+                        await merged.close()
 
     async def _generate_merged(self, merged: VLLMEngine, request: EngineRequest) -> AsyncGenerator[EngineEvent]:
         stream: AsyncIterator[EngineEvent] = merged.generate(replace(request, adapter=None))
