@@ -31,8 +31,9 @@ from typing import Any, Literal
 
 import httpx
 
-from core.adapter_store import AdapterStore
+from core.adapter_store import TMP_PREFIX, AdapterStore, staging_abandoned
 from core.config import Settings
+from core.errors import NotFoundError
 from gateway.engines.inflight import AdapterUse
 from gateway.engines.merged import MergedRoutes
 from gateway.registry.store import PromptRegistry
@@ -267,6 +268,7 @@ class MergedServing:
 
     async def _start_engine(self, name: str, model_id: str) -> None:
         version = version_of(model_id)
+        local: LocalEngine | None = None
         try:
             model_dir = await self._merge(name, version)
             port = await asyncio.to_thread(self._free_port)
@@ -293,11 +295,17 @@ class MergedServing:
             await self._report(name, endpoint=local.url, version=version, error=None)
             self.kick()
         except asyncio.CancelledError:
+            if local is None:  # stopped while merging (a delete, a new version): no engine uses what it wrote
+                await asyncio.to_thread(remove_merged, self.store, name, version)
             raise
         except Exception as exc:
+            await self._stop_engine(name, drain=False)
+            await asyncio.to_thread(remove_merged, self.store, name, version)
+            if isinstance(exc, NotFoundError):  # the prompt or version was deleted meanwhile: nothing to retry
+                log.info("not starting the merged engine for %s: it was deleted meanwhile", model_id)
+                return
             why = f"starting the merged engine for {model_id} failed: {type(exc).__name__}: {exc}"
             log.error("%s", why)
-            await self._stop_engine(name, drain=False)
             restarts = self._restarts.setdefault(name, _Restarts())
             restarts.not_before = time.monotonic() + RESTART_BACKOFF_S[min(restarts.count, len(RESTART_BACKOFF_S) - 1)]
             restarts.count += 1
@@ -350,8 +358,8 @@ class MergedServing:
     async def _stop_engine(self, name: str, drain: bool = True) -> None:
         """Stop this replica's engine for `name` (after its requests here drain) and remove its merged folder."""
         task = self._starting.pop(name, None)
-        if task is not None:
-            await stop_task(task)
+        if task is not None and task is not asyncio.current_task():  # (the start task stops its own engine)
+            await stop_task(task)  # one stopped while merging removes what its merge wrote
         local = self._engines.pop(name, None)
         if local is None:
             return
@@ -360,10 +368,7 @@ class MergedServing:
         log.info("stopping the merged engine for %s (port %d)", local.model_id, local.port)
         await asyncio.to_thread(stop_vllm, local.process)
         await self._report(name, endpoint=None, version=None)
-        folder = merged_model_dir(self.store, name, version_of(local.model_id))
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(folder.parent.rmdir)  # the prompt was deleted: nothing else is left
+        await asyncio.to_thread(remove_merged, self.store, name, version_of(local.model_id))
 
     async def _report(self, name: str, **fields: Any) -> None:
         """Record the engine's state in the registry (every replica follows it), while this replica holds the lease."""
@@ -372,6 +377,18 @@ class MergedServing:
                                            **fields)
             if held and "error" in fields and fields["error"]:
                 self._errors[name] = str(fields["error"])
+
+
+def remove_merged(store: AdapterStore, prompt: str, version: int) -> None:
+    """Remove a version's merged folder and what a merge of it left half-written (its writer gone: a merge stopped
+    midway is killed), then the prompt's folder if nothing else is left in it (the prompt was deleted)."""
+    folder = merged_model_dir(store, prompt, version)
+    shutil.rmtree(folder, ignore_errors=True)
+    for staging in folder.parent.glob(f"{TMP_PREFIX}*-{folder.name}-*"):
+        if staging_abandoned(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 def free_port_of(ports: list[int], taken: set[int]) -> int | None:
