@@ -142,3 +142,30 @@ def test_a_start_that_fails_after_merging_removes_the_merged_model_and_says_why(
     assert harness.serving._restarts["p"].count == 1
     assert not merged_model_dir(harness.store, "p", 1).exists()
     assert (harness.store.root / "p" / "v1").is_dir()  # the version itself stays
+
+
+def test_a_start_stopped_while_its_engine_is_being_spawned_leaves_no_process(harness: Harness,
+                                                                            tmp_path: Path) -> None:
+    """The spawn runs in a thread that a cancel does not stop: the process it starts is stopped, not left running
+    unseen (holding its port and a copy of the weights). The stand-in command only sleeps: the launcher is real."""
+    marker = f"promptintern-spawn-test-{os.getpid()}-{time.time_ns()}"
+    log_path = tmp_path / "engine.log"
+
+    async def scenario() -> None:
+        task = asyncio.create_task(harness.serving._spawn(
+            [sys.executable, "-c", f"import time; time.sleep(120)  # {marker}"], log_path))
+        await asyncio.sleep(0)  # the spawn is under way in its thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert log_path.exists()  # the spawn ran
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and marker in cmdline(pid)]
+
+
+def cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -279,7 +279,7 @@ class MergedServing:
                                    max_model_len=self.settings.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                    fast_start=self.settings.merged_fast_start)
             log.info("starting the merged engine for %s on port %d (log: %s)", model_id, port, log_path)
-            process = await asyncio.to_thread(spawn_vllm, command, self.settings.merged_threads, log_path)
+            process = await self._spawn(command, log_path)
             local = LocalEngine(name, model_id, port, process, log_path)
             self._engines[name] = local
             started = time.monotonic()
@@ -310,6 +310,18 @@ class MergedServing:
             restarts.not_before = time.monotonic() + RESTART_BACKOFF_S[min(restarts.count, len(RESTART_BACKOFF_S) - 1)]
             restarts.count += 1
             await self._report(name, error=why)
+
+    async def _spawn(self, command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        """Start vLLM in a thread (a fork and exec); stopped meanwhile, the start finishes and its vLLM is stopped,
+        not left running where nothing sees it."""
+        spawning = asyncio.ensure_future(
+            asyncio.to_thread(spawn_vllm, command, self.settings.merged_threads, log_path))
+        try:
+            return await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(stop_vllm, await spawning)
+            raise
 
     async def _merge(self, name: str, version: int) -> Path:
         """The version's merged folder, written by `python -m trainer.merge` in a child process unless it exists."""
