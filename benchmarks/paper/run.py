@@ -16,13 +16,12 @@ from benchmarks.errors import rebuild_from
 from benchmarks.paper.adapters import AdapterInfo, lora_rank_limit, manifest_evaluation, resolve_adapter
 from benchmarks.paper.conditions import CONDITIONS, Measurement, Prices
 from benchmarks.paper.inputs import CompressedTemplate, Workload, build_inputs, compress_template
-from benchmarks.paper.machine import machine_info, vllm_version
+from benchmarks.paper.machine import machine_info, vllm_threads, vllm_version
 from benchmarks.paper.measure import (
     measure_on_engine,
     measure_through_gateway,
     serving,
     serving_merged,
-    vllm_threads,
 )
 from benchmarks.paper.options import (
     CONCURRENCY,
