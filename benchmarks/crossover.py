@@ -729,8 +729,13 @@ def _gateway_lines(doc: dict[str, Any]) -> list[str]:
         row = rows.get(route)
         if row is not None:
             lines.append(f"| {route} | {row['prompt_tokens']:.0f} | {row['p50_s']:.2f} | "
-                         f"x{row['p50_s'] / bare['p50_s']:.2f} | x{cached['p50_s'] / row['p50_s']:.2f} faster |")
+                         f"x{row['p50_s'] / bare['p50_s']:.2f} | "
+                         f"{'(the reference)' if row is cached else _faster(cached['p50_s'], row['p50_s'])} |")
     return lines
+
+
+def _faster(reference_s: float, s: float) -> str:
+    return f"{reference_s / s:.2f}x faster" if s <= reference_s else f"{s / reference_s:.2f}x slower"
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:

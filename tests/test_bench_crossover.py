@@ -72,7 +72,9 @@ def test_the_readme_section_names_command_crossovers_and_the_gateway_ratios(tmp_
     text = render_readme_section(results)
     assert "`promptintern bench crossover` on 2026-12-02" in text
     assert "- adapter (LoRA) against the full prompt, prefix caching, concurrency 1: latency from 2000 tokens" in text
-    assert "| adapter (LoRA) | 40 | 3.50 | x1.75 | x0.86 faster |" in text  # 3.5/2.0 and 3.0/3.5, as computed
+    assert "| adapter (LoRA) | 40 | 3.50 | x1.75 | 1.17x slower |" in text  # 3.5/2.0 and 3.5/3.0, as computed
+    assert "| merged adapter | 40 | 2.10 | x1.05 | 1.43x faster |" in text  # 2.1/2.0 and 3.0/2.1
+    assert "| full prompt, prefix caching | 2056 | 3.00 | x1.50 | (the reference) |" in text
     out = write_results(results, tmp_path)
     assert (out / "crossover.png").stat().st_size > 0
     (out / "readme_section.md").write_text("stale")
