@@ -150,7 +150,7 @@ class AdapterStore:
 
     def remove_staging_leftovers(self, max_age_s: float = STAGING_MAX_AGE_S) -> list[Path]:
         """Half-written folders (hidden names) whose writer is gone (`staging_abandoned`): never loaded, removed
-        at start-up. Other replicas' folders being written stay."""
+        at start-up and when a merged engine's start is stopped. Other replicas' folders being written stay."""
         leftovers = [p for p in self.root.glob("*/.*") if p.is_dir() and staging_abandoned(p, max_age_s)]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)

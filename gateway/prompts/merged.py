@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import httpx
 
-from core.adapter_store import TMP_PREFIX, AdapterStore, staging_abandoned
+from core.adapter_store import AdapterStore
 from core.config import Settings
 from core.errors import NotFoundError
 from gateway.engines.inflight import AdapterUse
@@ -299,8 +299,9 @@ class MergedServing:
                 await asyncio.to_thread(remove_merged, self.store, name, version)
             raise
         except Exception as exc:
-            await self._stop_engine(name, drain=False)
-            await asyncio.to_thread(remove_merged, self.store, name, version)
+            await self._stop_engine(name, drain=False)  # its engine if it got one, with the merged folder
+            if local is None:
+                await asyncio.to_thread(remove_merged, self.store, name, version)
             if isinstance(exc, NotFoundError):  # the prompt or version was deleted meanwhile: nothing to retry
                 log.info("not starting the merged engine for %s: it was deleted meanwhile", model_id)
                 return
@@ -396,9 +397,7 @@ def remove_merged(store: AdapterStore, prompt: str, version: int) -> None:
     midway is killed), then the prompt's folder if nothing else is left in it (the prompt was deleted)."""
     folder = merged_model_dir(store, prompt, version)
     shutil.rmtree(folder, ignore_errors=True)
-    for staging in folder.parent.glob(f"{TMP_PREFIX}*-{folder.name}-*"):
-        if staging_abandoned(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+    store.remove_staging_leftovers()  # a killed merge's among them
     with contextlib.suppress(OSError):
         folder.parent.rmdir()
 
