@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from core.adapter_store import AdapterStore, make_staging_dir
@@ -161,11 +162,5 @@ def test_a_start_stopped_while_its_engine_is_being_spawned_leaves_no_process(har
 
     asyncio.run(scenario())
     assert log_path.exists()  # the spawn ran
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and marker in cmdline(pid)]
-
-
-def cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    assert not [p for p in psutil.process_iter(["cmdline", "status"])
+                if marker in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
