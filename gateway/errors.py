@@ -11,12 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError as DatabaseOperationalError
+from sqlalchemy.exc import TimeoutError as DatabasePoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConflictError, DomainError, InvalidInput, NotFoundError
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer: counted, never sent
+REGISTRY_RETRY_AFTER_S = 2  # seconds a 503 for a registry database that did not answer asks the client to wait
 
 
 class ErrorBody(BaseModel):
@@ -112,7 +115,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "Missing or wrong bearer key",
         404: "Unknown model or prompt",
         500: "Engine failure",
-        503: "Engine unavailable",
+        503: "Engine unavailable, or the prompt registry's database did not answer (retry after `Retry-After`)",
     }.items()
 }
 
@@ -127,6 +130,14 @@ def from_domain(exc: DomainError) -> APIError:
     elif isinstance(exc, InvalidInput):
         cls = Unprocessable
     return cls(exc.message, param=exc.param, code=exc.code)
+
+
+def registry_unavailable(exc: Exception) -> ServiceUnavailable:
+    """The 503 for a registry database that did not answer; the driver's first line says why, without the SQL."""
+    orig = getattr(exc, "orig", None) or exc
+    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
+    return ServiceUnavailable(f"the prompt registry's database did not answer ({reason}); try again",
+                              code="registry_unavailable", retry_after=REGISTRY_RETRY_AFTER_S)
 
 
 def error_json(exc: APIError) -> JSONResponse:
@@ -175,6 +186,13 @@ def register_exception_handlers(app: FastAPI) -> None:
             err.error_type = "invalid_request_error"
         return error_json(err)
 
+    async def on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # A database locked past its busy timeout, a PostgreSQL that is down or restarting, a full pool: the
+        # request's transaction rolled back (unless the connection broke in its very commit), and the same
+        # request may be sent again: the service is unavailable for now, a 503, not a bug's 500.
+        log.warning("registry database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_json(registry_unavailable(exc))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_json(InternalError(f"internal error: {type(exc).__name__}"))
@@ -183,4 +201,6 @@ def register_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(DatabaseOperationalError, on_database_unavailable)
+    app.add_exception_handler(DatabasePoolTimeout, on_database_unavailable)
     app.add_exception_handler(Exception, on_unexpected)

@@ -146,3 +146,34 @@ def test_a_non_text_part_is_a_400_on_the_embedded_engine(client: TestClient) -> 
     image = [{"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]
     error = error_of(chat(client, messages=[{"role": "user", "content": image}]), 400)
     assert error["code"] == "unsupported_parameter" and error["param"] == "messages.0.content"
+
+
+def test_a_registry_database_locked_past_its_busy_timeout_is_a_503_and_the_retry_is_served(
+        tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that waits out SQLite's busy timeout behind another process's write lock (or a PostgreSQL that is
+    down) is a 503 with Retry-After in OpenAI's shape, not a 500; reads go on meanwhile; once the lock is gone,
+    the same request is served and nothing was registered twice."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    import gateway.registry.db as db
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # read when each connection opens
+    settings = gateway_settings(tmp_path, tiny_model_path)
+    body = {"name": "locked", "prompt": "L: {q}"}
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        other = sqlite3.connect(make_url(settings.resolved_database_url).database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            response = admin.post("/v1/prompts", json=body)
+            error = error_of(response, 503)
+            assert error["type"] == "service_unavailable" and error["code"] == "registry_unavailable"
+            assert "database is locked" in error["message"] and "INSERT" not in error["message"]
+            assert response.headers["retry-after"] == "2"
+            assert admin.get("/v1/prompts").status_code == 200  # WAL: readers are not blocked by the writer
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert admin.post("/v1/prompts", json=body).status_code == 201
+        assert [p["name"] for p in admin.get("/v1/prompts").json()["data"]] == ["locked"]

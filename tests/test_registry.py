@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -200,6 +201,9 @@ def test_a_reader_following_concurrent_writers_never_sees_a_gap(database_url: st
             applied = changes.revision
             if finished:
                 return
+            # A replica polls on an interval. A loop without a pause held the GIL so much that the writers' lock
+            # holders waited their turn for the interpreter, and a writer ran out of SQLite's busy timeout.
+            time.sleep(0.001)
 
     def write(i: int) -> list[int]:
         registry = writers[i % 2]

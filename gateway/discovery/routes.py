@@ -20,6 +20,7 @@ router = APIRouter(prefix="/v1/prompts/candidates", tags=["Discovery"], dependen
 RESPONSES: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     404: {"model": ERRORS[404]["model"], "description": "Unknown candidate, or discovery is off (DISCOVERY=false)"},
+    503: ERRORS[503],
 }
 
 

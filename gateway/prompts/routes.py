@@ -37,6 +37,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown prompt"},
     409: {"model": ErrorResponse, "description": "The name is taken"},
     422: {"model": ErrorResponse, "description": "Invalid template, example, adapter or training data"},
+    503: {"model": ErrorResponse, "description": "The prompt registry's database did not answer: retry after "
+                                                 "`Retry-After` seconds"},
 }
 
 router = APIRouter(prefix="/v1/prompts", tags=["Registry"], dependencies=[Depends(require_admin)], responses=ERRORS)

@@ -34,6 +34,10 @@ POSTGRES_DRIVER = "postgresql+psycopg"
 POSTGRES_SCHEMES = ("postgres", "postgresql")
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # made by SQLite beside the database, with its mode
 OWNER_ONLY = 0o600
+# How long a SQLite writer waits for another's write lock before "database is locked" (the API then answers 503).
+# PostgreSQL waits on a row lock without a limit; 5 s was seen to run out for one gateway process whose threads
+# shared the GIL with a busy registry poller, each lock holder waiting its turn for the interpreter.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def database_url(url: str) -> URL:
@@ -238,5 +242,5 @@ def enable_sqlite_foreign_keys(engine: SQLEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_MS)}")
         cursor.close()
