@@ -190,8 +190,9 @@ def register_exception_handlers(app: FastAPI) -> None:
         # A database locked past its busy timeout, a PostgreSQL that is down or restarting, a full pool: the
         # request's transaction rolled back (unless the connection broke in its very commit), and the same
         # request may be sent again: the service is unavailable for now, a 503, not a bug's 500.
-        log.warning("registry database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_json(registry_unavailable(exc))
+        error = registry_unavailable(exc)
+        log.warning("%s %s: %s", request.method, request.url.path, error.message)  # not the SQL and its values
+        return error_json(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
