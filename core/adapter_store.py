@@ -148,6 +148,13 @@ class AdapterStore:
     def remove_version(self, prompt: str, version: int) -> None:
         shutil.rmtree(self.version_dir(prompt, version), ignore_errors=True)
 
+    def remove_orphan_version(self, prompt: str, version: int) -> None:
+        """A version whose prompt was deleted while it was being added: its folder, then the prompt's folder if
+        nothing else is left in it (another writer's staging folder, say, of a prompt registered again, stays)."""
+        self.remove_version(prompt, version)
+        with contextlib.suppress(OSError):
+            (self.root / prompt).rmdir()
+
     def remove_staging_leftovers(self, max_age_s: float = STAGING_MAX_AGE_S) -> list[Path]:
         """Half-written folders (hidden names) whose writer is gone (`staging_abandoned`): never loaded, removed
         at start-up and when a merged engine's start is stopped. Other replicas' folders being written stay."""

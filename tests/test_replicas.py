@@ -3,6 +3,7 @@ seconds and without a restart; a version switch lets the old version's requests 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,46 @@ def test_a_change_through_either_replica_is_served_by_both(replicas: list[LocalG
         backend = a.settings.resolved_database_url.split(":")[0]
         print(f"\n[replicas, {backend}] followed: register {registered:.2f} s, adapter {adapter:.2f} s, "
               f"delete {deleted:.2f} s")
+
+
+@pytest.mark.parametrize("when", ["before its folder is published", "after it was loaded"])
+def test_a_delete_on_one_replica_during_an_upload_on_the_other_leaves_nothing(
+        replicas: list[LocalGateway], loras: list[Path], monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """B deletes the prompt while A adds a version (each replica's lock is its own): A answers 404, and neither
+    the version's folder in the shared store nor its adapter in A's engine is left behind."""
+    import gateway.prompts.service as service_module
+
+    a, b = replicas
+    prompts = a.app.state.prompts
+    name = "raced-" + when.split()[0]
+    with a.admin() as admin_a, b.admin() as admin_b:
+        assert admin_a.post("/v1/prompts", json={"name": name, "messages": TEMPLATE}).status_code == 201
+
+        def delete_on_b() -> None:
+            assert admin_b.delete(f"/v1/prompts/{name}").status_code in (200, 204)
+
+        if when.startswith("before"):  # B's delete finds no folder yet; A then publishes one
+            stage = service_module.stage_adapter
+
+            def deleted_then_staged(*args: Any, **kwargs: Any) -> Path:
+                delete_on_b()
+                return stage(*args, **kwargs)
+
+            monkeypatch.setattr(service_module, "stage_adapter", deleted_then_staged)
+        else:  # B's delete removes A's folder; A's engine holds the adapter
+            load = prompts._load_and_warm
+
+            async def loaded_then_deleted(model_id: str, path: Path) -> None:
+                await load(model_id, path)
+                await asyncio.to_thread(delete_on_b)
+
+            monkeypatch.setattr(prompts, "_load_and_warm", loaded_then_deleted)
+        response = upload(admin_a, name, loras[0])
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] in ("prompt_not_found", "version_not_found")
+        assert not (a.settings.adapter_dir / name).exists()
+        assert not any(m.startswith(f"{name}@") for m in a.app.state.engine.loaded_adapters())
+        assert admin_a.get(f"/v1/prompts/{name}").status_code == 404
 
 
 @pytest.fixture(scope="module")

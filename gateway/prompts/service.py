@@ -435,16 +435,30 @@ class PromptService:
             await self._load_and_warm(model_id, path)
         except (APIError, DomainError, OSError, ValueError) as exc:
             message = exc.message if isinstance(exc, APIError | DomainError) else f"{type(exc).__name__}: {exc}"
-            await asyncio.to_thread(self.registry.update_version, name, version, status="failed", error=message)
+            await self._set_status(name, model_id, version, status="failed", error=message)
             await asyncio.to_thread(self.store.remove_version, name, version)
             if isinstance(exc, APIError | DomainError):
                 raise
             raise AdapterLoadError(message, param="adapter_path", code="invalid_adapter") from exc
         manifest["load_seconds"] = round(time.monotonic() - started, 3)
-        await asyncio.to_thread(self.registry.update_version, name, version, status="ready", path=str(path),
-                                manifest=manifest)
+        await self._set_status(name, model_id, version, status="ready", path=str(path), manifest=manifest)
         await self._replace_active(name, model_id, takes_bare_query(manifest))
         return version
+
+    async def _set_status(self, name: str, model_id: str, version: int, **changes: Any) -> None:
+        """Record how adding `version` ended. If the prompt was deleted meanwhile (on another replica: the lock
+        here is per replica), that delete may have run before this version's folder was published and its
+        adapter loaded here: both are removed, and the caller gets the 404."""
+        try:
+            await asyncio.to_thread(self.registry.update_version, name, version, **changes)
+        except NotFoundError:
+            if model_id in self.engine.loaded_adapters():
+                try:
+                    await self.engine.unload_adapter(model_id)
+                except APIError as exc:
+                    log.warning("unloading %s, whose prompt was deleted, failed: %s", model_id, exc.message)
+            await asyncio.to_thread(self.store.remove_orphan_version, name, version)
+            raise
 
     async def _replace_active(self, name: str, model_id: str, bare: bool) -> None:
         """Route to the new version first, then unload the old one once its requests have drained: no window
