@@ -132,11 +132,31 @@ def from_domain(exc: DomainError) -> APIError:
     return cls(exc.message, param=exc.param, code=exc.code)
 
 
-def registry_unavailable(exc: Exception) -> ServiceUnavailable:
-    """The 503 for a registry database that did not answer; the driver's first line says why, without the SQL."""
+# SQLite's OperationalError also stands for a statement's own faults ("no such table"): a bug, a 500. These are
+# the database being busy, full or unreadable for now (primary result codes; extended ones carry a suffix).
+SQLITE_UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN")
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """Whether a database error means the registry's database did not answer, not that the statement was wrong:
+    for PostgreSQL every OperationalError (the server, the connection, a deadlock or timeout) and a pool timeout;
+    for SQLite a busy, locked, full or unreadable database."""
+    if isinstance(exc, DatabasePoolTimeout):
+        return True
+    name = getattr(getattr(exc, "orig", None), "sqlite_errorname", None)
+    return name is None or str(name).startswith(SQLITE_UNAVAILABLE)
+
+
+def database_reason(exc: Exception) -> str:
+    """The driver's first line ("database is locked", "connection refused" with the host): for the log only."""
     orig = getattr(exc, "orig", None) or exc
-    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
-    return ServiceUnavailable(f"the prompt registry's database did not answer ({reason}); try again",
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+
+
+def registry_unavailable() -> ServiceUnavailable:
+    """The 503 for a registry database that did not answer. As with /ready, the client is not told the database's
+    address or the driver's words (they go to the log)."""
+    return ServiceUnavailable("the prompt registry's database did not answer (busy, or not reachable); try again",
                               code="registry_unavailable", retry_after=REGISTRY_RETRY_AFTER_S)
 
 
@@ -190,9 +210,11 @@ def register_exception_handlers(app: FastAPI) -> None:
         # A database locked past its busy timeout, a PostgreSQL that is down or restarting, a full pool: the
         # request's transaction rolled back (unless the connection broke in its very commit), and the same
         # request may be sent again: the service is unavailable for now, a 503, not a bug's 500.
-        error = registry_unavailable(exc)
-        log.warning("%s %s: %s", request.method, request.url.path, error.message)  # not the SQL and its values
-        return error_json(error)
+        if not database_unavailable(exc):
+            return await on_unexpected(request, exc)
+        log.warning("%s %s: the registry's database did not answer: %s", request.method, request.url.path,
+                    database_reason(exc))  # not the statement and its values (a prompt's template, say)
+        return error_json(registry_unavailable())
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

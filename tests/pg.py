@@ -109,6 +109,13 @@ class PostgresServer:
                 break
         self.started_in = time.perf_counter() - began
 
+    def halt(self) -> None:
+        """Stop the server and keep its data (a database that is down for a while); `resume()` starts it again."""
+        self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", "fast", "--wait")
+
+    def resume(self) -> None:
+        self._run("pg_ctl", "start", "--pgdata", str(self.data), "--log", str(self.log), "--wait", "--timeout", "60")
+
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():

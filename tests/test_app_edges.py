@@ -169,7 +169,7 @@ def test_a_registry_database_locked_past_its_busy_timeout_is_a_503_and_the_retry
             response = admin.post("/v1/prompts", json=body)
             error = error_of(response, 503)
             assert error["type"] == "service_unavailable" and error["code"] == "registry_unavailable"
-            assert "database is locked" in error["message"] and "INSERT" not in error["message"]
+            assert "registry's database did not answer" in error["message"] and "INSERT" not in error["message"]
             assert response.headers["retry-after"] == "2"
             assert admin.get("/v1/prompts").status_code == 200  # WAL: readers are not blocked by the writer
         finally:
@@ -177,3 +177,53 @@ def test_a_registry_database_locked_past_its_busy_timeout_is_a_503_and_the_retry
             other.close()
         assert admin.post("/v1/prompts", json=body).status_code == 201
         assert [p["name"] for p in admin.get("/v1/prompts").json()["data"]] == ["locked"]
+
+
+def test_only_a_database_that_did_not_answer_is_called_unavailable(tmp_path: Path) -> None:
+    """A locked SQLite database is a 503; a statement SQLite refuses (a bug: "no such table") stays a 500."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from gateway.errors import database_unavailable
+
+    path = tmp_path / "db.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+    try:
+        with pytest.raises(OperationalError) as locked, engine.begin() as connection:
+            connection.execute(text("INSERT INTO t VALUES (1)"))
+        with pytest.raises(OperationalError) as wrong, engine.connect() as connection:
+            connection.execute(text("SELECT * FROM no_such_table"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.dispose()
+    assert database_unavailable(locked.value)
+    assert not database_unavailable(wrong.value)
+
+
+def test_a_registry_on_a_postgresql_that_is_down_is_a_503_and_is_used_again_once_it_is_back(
+        tiny_model_path: Path, tmp_path: Path) -> None:
+    from tests.pg import PostgresServer, find_server_programs
+
+    server = PostgresServer(find_server_programs())  # its own: the session's server stays up for the others
+    try:
+        server.start()
+        settings = gateway_settings(tmp_path, tiny_model_path, database_url=server.create_database("down"))
+        with TestClient(create_app(settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            assert admin.post("/v1/prompts", json={"name": "before", "prompt": "B: {q}"}).status_code == 201
+            server.halt()
+            response = admin.post("/v1/prompts", json={"name": "during", "prompt": "D: {q}"})
+            error = error_of(response, 503)
+            assert error["code"] == "registry_unavailable" and response.headers["retry-after"] == "2"
+            assert str(server.port) not in error["message"]  # the database's address is for the log only
+            assert error_of(admin.get("/v1/prompts/before"), 503)["code"] == "registry_unavailable"
+            server.resume()
+            assert admin.post("/v1/prompts", json={"name": "during", "prompt": "D: {q}"}).status_code == 201
+            assert [p["name"] for p in admin.get("/v1/prompts").json()["data"]] == ["before", "during"]
+    finally:
+        server.stop()
