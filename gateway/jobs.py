@@ -429,5 +429,12 @@ class JobRunner:
             log.error("training job %d of %s: its lease was lost after activation", job.id, job.prompt)
 
     async def _drop(self, job: JobRecord, version: int, why: str) -> None:
+        """Remove the version's folder. If the prompt is gone (deleted, perhaps through another replica, after its
+        delete had removed the prompt's folders but before the training saved this version), its folder too."""
         log.warning("training job %d of %s: %s; version %d is not published", job.id, job.prompt, why, version)
+        try:
+            await asyncio.to_thread(self.registry.get, job.prompt)
+        except NotFoundError:
+            await asyncio.to_thread(self.store.remove_orphan_version, job.prompt, version)
+            return
         await asyncio.to_thread(self.store.remove_version, job.prompt, version)

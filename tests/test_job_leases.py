@@ -228,3 +228,29 @@ async def test_a_runner_whose_lease_is_taken_stops_training_and_publishes_nothin
     finally:
         await runner.close()
         registry.close()
+
+
+async def test_a_dropped_version_of_a_deleted_prompt_leaves_no_folder(registry: PromptRegistry,
+                                                                       tmp_path: Path) -> None:
+    """A runner drops the version it trained when its job is gone. If the prompt was deleted (through another
+    replica, whose delete removed the prompt's folders before this training process saved its version there),
+    the prompt's folder goes too; a prompt still registered keeps its folder and its other versions."""
+    store = AdapterStore(tmp_path / "adapters")
+
+    async def no_change() -> None:
+        return None
+
+    settings = Settings(data_dir=tmp_path / "data", adapter_dir=tmp_path / "adapters")
+    runner = JobRunner(settings, registry, store, tmp_path, activate=None, versions_changed=no_change,
+                       claim_jobs=False)
+    job = queue(registry)
+    for version in (1, 2):  # v1: this runner's, saved; v2: another's, kept
+        store.version_dir("p", version).mkdir(parents=True)
+        (store.version_dir("p", version) / "adapter_config.json").write_text("{}")
+    await runner._drop(job, 1, "its lease was lost")
+    assert not store.version_dir("p", 1).exists() and store.version_dir("p", 2).exists()
+
+    registry.delete("p")
+    store.remove_prompt("p", [])  # the other replica's delete: it knew of no version folder yet
+    await runner._drop(job, 2, "its lease was lost")
+    assert not (store.root / "p").exists()
